@@ -1,0 +1,59 @@
+# vitadapt: `make setup`, then `make reproduce` (PROFILE=smoke|cpu|paper, NB=00,01, FORCE=1); `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PROFILE ?= cpu
+NB ?=
+FORCE ?=
+export TQDM_DISABLE ?= 1
+export PYTHONHASHSEED := 0
+
+.PHONY: setup reproduce test test-lib test-notebooks nbval golden verify-data bench clean help
+
+help:
+	@echo "make setup | reproduce [PROFILE=smoke|cpu|paper NB=00,01 FORCE=1] | test | verify-data | bench | golden | clean"
+
+# Idempotent: the stamp depends on the pin files, so a second run does nothing.
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: requirements.txt requirements-data.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: set PYTHON=/path/to/python3.11"; exit 1; }
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 needed, found {sys.version.split()[0]}"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-data.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m ipykernel install --sys-prefix --name vitadapt --display-name "Python (vitadapt)" >/dev/null
+	touch $@
+
+reproduce: setup
+	$(PY) -m vitadapt.runner --profile $(PROFILE) $(if $(NB),--nb $(NB)) $(if $(FORCE),--force)
+
+# pytest on lib, then every notebook in the smoke profile, then nbval on the golden smoke notebooks.
+test: setup test-lib test-notebooks nbval
+
+test-lib:
+	$(PY) -m pytest tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+
+test-notebooks:
+	VITADAPT_OFFLINE=1 $(PY) -m vitadapt.runner --profile smoke --force
+
+nbval:
+	VITADAPT_OFFLINE=1 $(PY) -m pytest --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg \
+	  -p no:cacheprovider tests/golden; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+
+# Refresh the golden notebooks from a fresh smoke run (review the diff before committing).
+golden: setup
+	VITADAPT_OFFLINE=1 $(PY) -m vitadapt.runner --profile smoke --force
+	mkdir -p tests/golden
+	for d in outputs/smoke/*/; do n=$$(basename $$d); cp $$d/$$n.ipynb tests/golden/$$n.ipynb; done
+
+verify-data: setup
+	$(PY) -m vitadapt.data.manifest verify
+
+bench: setup
+	for b in benchmarks/bench_*.py; do [ -e "$$b" ] || continue; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf outputs/smoke outputs/cpu outputs/paper .pytest_cache

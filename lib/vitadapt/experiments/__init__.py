@@ -1,0 +1,1 @@
+"""One module per notebook: its config dataclass and the functions its cells call."""

@@ -1,0 +1,153 @@
+"""Run records, metrics.json and tables.
+
+A notebook opens a :class:`Run` first and calls :meth:`Run.finish` last. Everything it saves (figures,
+tables, metrics) goes to a hidden pending folder and is moved into ``out_dir`` only by ``finish``: a run that
+fails or is interrupted leaves the previous outputs exactly as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from vitadapt.paths import CONFIGS, NOTEBOOKS, REPO_ROOT, resolve
+
+PACKAGES = ("torch", "torchvision", "timm", "peft", "lightly", "lightning", "torchgeo", "scikit-learn", "numpy",
+            "papermill", "nbval")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lib", "notebooks", "configs"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (out.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def code_hash(notebook: str | None = None, profile: str | None = None) -> str:
+    """Hash of the library sources, the notebook and the profile YAML: what a result depends on."""
+    h = hashlib.sha256()
+    files = sorted((REPO_ROOT / "lib" / "vitadapt").rglob("*.py"))
+    if notebook:
+        files += sorted(NOTEBOOKS.glob(f"{notebook}.ipynb"))
+    if profile:
+        files += [CONFIGS / f"{profile}.yaml"]
+    for f in files:
+        if f.exists():
+            h.update(f.relative_to(REPO_ROOT).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):
+        try:
+            return x.item()
+        except Exception:
+            pass
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+class Run:
+    """One execution of one notebook: collects sources, saves outputs atomically, writes metrics.json."""
+
+    def __init__(self, notebook: str, cfg, quiet: bool = False):
+        self.notebook, self.cfg = notebook, cfg
+        self.out_dir = resolve(cfg.out_dir or f"outputs/{cfg.profile}/{notebook}")
+        self.pending = self.out_dir.parent / f".{self.out_dir.name}.pending-{os.getpid()}"
+        if self.pending.exists():
+            shutil.rmtree(self.pending)
+        self.pending.mkdir(parents=True)
+        self.sources: dict = {}
+        self.t0 = time.perf_counter()
+        self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if not quiet:
+            print(f"{notebook} | profile {cfg.profile} | outputs -> {self.out_dir.relative_to(REPO_ROOT) if self.out_dir.is_relative_to(REPO_ROOT) else self.out_dir}")
+
+    def use(self, kind: str, record: dict) -> None:
+        """Record a data or weight source the run used (printed in the notebook, kept in metrics.json)."""
+        self.sources[kind] = record
+
+    def path(self, name: str) -> Path:
+        """Where to write an output file now (inside the pending folder)."""
+        return self.pending / name
+
+    def save_figure(self, fig, name: str, dpi: int = 100) -> Path:
+        p = self.path(name)
+        fig.savefig(p, dpi=dpi, bbox_inches="tight", metadata={"Software": None} if name.endswith(".png") else None)
+        return p
+
+    def save_table(self, df, name: str) -> Path:
+        p = self.path(name)
+        df.to_csv(p, index=True)
+        return p
+
+    def record(self) -> dict:
+        return {"notebook": self.notebook, "profile": self.cfg.profile, "config": self.cfg.to_dict(),
+                "config_hash": self.cfg.hash(), "code_hash": code_hash(self.notebook, self.cfg.profile),
+                "git_commit": git_commit(), "packages": package_versions(), "sources": self.sources,
+                "started": self.started, "wall_time_s": round(time.perf_counter() - self.t0, 2),
+                "host": {"machine": platform.machine(), "cpus": os.cpu_count()}}
+
+    def finish(self, metrics: dict) -> Path:
+        """Write metrics.json and move every pending output into ``out_dir`` (each by an atomic rename)."""
+        blob = {"metrics": _jsonable(metrics), "run": _jsonable(self.record())}
+        atomic_write_text(self.pending / "metrics.json", json.dumps(blob, indent=2, sort_keys=True))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for f in sorted(self.pending.iterdir()):
+            if f.name != "metrics.json":
+                os.replace(f, self.out_dir / f.name)
+        os.replace(self.pending / "metrics.json", self.out_dir / "metrics.json")   # last: marks completion
+        shutil.rmtree(self.pending, ignore_errors=True)
+        return self.out_dir / "metrics.json"
+
+
+def load_metrics(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def mean_std_table(rows: list[dict], group: str | list[str], value_cols: list[str], digits: int = 3):
+    """A pandas table of mean and std over seeds per ``group``, formatted 'mean ± std'."""
+    import pandas as pd
+    df = pd.DataFrame(rows)
+    agg = df.groupby(group, sort=False)[value_cols].agg(["mean", "std"]).fillna(0.0)
+    out = pd.DataFrame(index=agg.index)
+    for c in value_cols:
+        out[c] = [f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(agg[(c, "mean")], agg[(c, "std")])]
+    out["n_seeds"] = df.groupby(group, sort=False).size()
+    return out

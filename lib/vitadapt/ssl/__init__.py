@@ -1,0 +1,1 @@
+"""Self-supervised objectives: DinoV2 (DINO + iBOT + KoLeo), MAE, UpStep (clustering + CVR + gate)."""

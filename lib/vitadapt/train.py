@@ -1,0 +1,198 @@
+"""Training loops on Lightning Fabric: devices, precision, DDP, checkpoints that carry their config, resume.
+
+One loop serves every objective. An objective is a function ``loss_fn(module, batch) -> (loss, logs)``;
+``on_step(step, module)`` runs after each optimizer step (EMA teachers, schedules); ``should_backward(step,
+logs) -> bool`` lets a gate (UpStep) skip the backward pass and the optimizer step of an iteration.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_fabric(accelerator: str = "cpu", devices: int = 1, strategy: str = "auto", num_nodes: int = 1,
+                precision: str = "32-true", launch: bool = True):
+    """A launched Lightning Fabric; on one CPU device this is a thin, cheap wrapper."""
+    from lightning.fabric import Fabric
+    fabric = Fabric(accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
+                    precision=precision)
+    if launch and not _launched(fabric):
+        fabric.launch()
+    return fabric
+
+
+def _launched(fabric) -> bool:
+    return getattr(fabric, "_launched", False)
+
+
+def fabric_from_config(cfg) -> Any:
+    return make_fabric(cfg.accelerator, cfg.devices, cfg.strategy, cfg.num_nodes, cfg.precision)
+
+
+def cosine_lr(step: int, total: int, base_lr: float, warmup: int = 0, min_ratio: float = 0.0) -> float:
+    """Linear warm-up then cosine decay to ``min_ratio * base_lr``."""
+    if warmup and step < warmup:
+        return base_lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _infinite(loader: Iterable):
+    epoch = 0
+    while True:
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        for batch in loader:
+            yield batch
+        epoch += 1
+
+
+@dataclass
+class FitResult:
+    steps: int
+    backward_passes: int
+    skipped: int
+    wall_time_s: float
+    history: list[dict] = field(default_factory=list)
+    peak_memory_mb: float = 0.0
+    resumed_from: int = 0
+
+    def summary(self) -> dict:
+        return {"steps": self.steps, "backward_passes": self.backward_passes, "skipped": self.skipped,
+                "skip_fraction": self.skipped / max(1, self.steps - self.resumed_from) if self.steps else 0.0,
+                "wall_time_s": round(self.wall_time_s, 3), "peak_memory_mb": round(self.peak_memory_mb, 1),
+                "resumed_from": self.resumed_from}
+
+
+def _peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+    except Exception:  # pragma: no cover
+        return 0.0
+
+
+def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict]], loader,
+        *, steps: int, lr: float, weight_decay: float = 0.05, warmup: int = 0, betas=(0.9, 0.999),
+        grad_clip: float | None = None, min_lr_ratio: float = 0.0, ckpt_path: str | os.PathLike | None = None,
+        ckpt_every: int = 0, config: dict | None = None, on_step: Callable[[int, nn.Module], None] | None = None,
+        should_backward: Callable[[int, dict], bool] | None = None, log_every: int = 1,
+        stop_after: int | None = None, progress: bool = False) -> FitResult:
+    """Train the parameters of ``module`` that require grad for ``steps`` iterations with AdamW and a
+    warm-up + cosine schedule.
+
+    Checkpoints (``ckpt_path``) hold the module, optimizer, step, history and ``config``; when the file
+    exists and its config equals ``config``, training resumes from its step (a different config is an
+    error, not a silent restart). ``stop_after`` ends the loop early at that step (to test resume).
+    Skipped iterations (``should_backward`` false) still run the forward pass and count as steps.
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    params = trainable_parameters(module)
+    if not params:
+        raise ValueError("no parameter of the module requires grad: nothing to train")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
+    module, opt = fabric.setup(module, opt)
+    loader = fabric.setup_dataloaders(loader) if isinstance(loader, torch.utils.data.DataLoader) else loader
+    result = FitResult(0, 0, 0, 0.0)
+    start = 0
+    config = dict(config or {})
+    if ckpt_path is not None and Path(ckpt_path).exists():
+        state = {"module": module, "optimizer": opt}
+        extra = fabric.load(str(ckpt_path), state)
+        if extra.get("config") != config:
+            raise ValueError(f"checkpoint {ckpt_path} was written with another config; delete it or use its "
+                             f"config to resume")
+        start = int(extra["step"])
+        result.history = list(extra.get("history", []))
+        result.backward_passes = int(extra.get("backward_passes", 0))
+        result.skipped = int(extra.get("skipped", 0))
+        result.resumed_from = start
+    if fabric.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(fabric.device)
+    t0 = time.perf_counter()
+    it = _infinite(loader)
+    bar = None
+    if progress and fabric.is_global_zero:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, initial=start, desc="train", leave=False)
+    module.train()
+    step = start
+    for step in range(start, steps):
+        if stop_after is not None and step >= stop_after:
+            break
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, warmup, min_lr_ratio)
+        batch = next(it)
+        loss, logs = loss_fn(module, batch)
+        logs = {k: (v.item() if torch.is_tensor(v) else v) for k, v in dict(logs).items()}
+        logs.update(step=step, loss=float(loss.detach()), lr=opt.param_groups[0]["lr"])
+        do_backward = True if should_backward is None else bool(should_backward(step, logs))
+        logs["backward"] = do_backward
+        if do_backward:
+            opt.zero_grad(set_to_none=True)
+            fabric.backward(loss)
+            if grad_clip:
+                fabric.clip_gradients(module, opt, max_norm=grad_clip)
+            opt.step()
+            result.backward_passes += 1
+        else:
+            result.skipped += 1
+        if on_step is not None:
+            on_step(step, module)
+        if step % log_every == 0 or step == steps - 1:
+            result.history.append(logs)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        done = step + 1
+        if ckpt_path is not None and ckpt_every and (done % ckpt_every == 0 or done == steps):
+            save_checkpoint(fabric, ckpt_path, module, opt, done, config, result)
+    else:
+        step = steps
+    if bar is not None:
+        bar.close()
+    result.steps = step if stop_after is not None and step < steps else steps
+    result.wall_time_s = time.perf_counter() - t0
+    result.peak_memory_mb = _peak_memory_mb(fabric.device)
+    return result
+
+
+def save_checkpoint(fabric, path, module, opt, step: int, config: dict, result: FitResult) -> None:
+    """Write to a temporary name, then rename: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fabric.save(str(tmp), {"module": module, "optimizer": opt, "step": step, "config": config,
+                           "history": result.history, "backward_passes": result.backward_passes,
+                           "skipped": result.skipped})
+    fabric.barrier()
+    if fabric.is_global_zero:
+        os.replace(tmp, path)
+    fabric.barrier()

@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("VITADAPT_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def tiny_vit():
+    import timm
+
+    def make(num_classes=0, depth=2, **kw):
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=depth,
+                                 embed_dim=48, num_heads=2, num_classes=num_classes, **kw)
+    return make
+
+
+@pytest.fixture
+def shared_aid():
+    from vitadapt.data import DataMissingError, find_root
+    try:
+        return find_root("aid")
+    except DataMissingError as e:  # the CI machine and every developer have ../shared/data/aid
+        pytest.skip(str(e))

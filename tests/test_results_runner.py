@@ -1,0 +1,99 @@
+import json
+
+import nbformat
+import pytest
+
+from vitadapt import runner
+from vitadapt.config import ExperimentConfig, build_config
+from vitadapt.results import Run, atomic_write_text
+
+
+def _cfg(tmp_path, name="nb"):
+    return build_config(ExperimentConfig, "smoke", out_dir=str(tmp_path / name))
+
+
+def test_finish_moves_outputs_and_writes_a_run_record(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    run = Run("00_x", _cfg(tmp_path), quiet=True)
+    run.use("data", {"dataset": "synthetic"})
+    fig = plt.figure()
+    run.save_figure(fig, "f.png")
+    assert not (tmp_path / "nb" / "f.png").exists()          # nothing visible before finish
+    path = run.finish({"acc": 0.5})
+    blob = json.loads(path.read_text())
+    assert blob["metrics"] == {"acc": 0.5}
+    rec = blob["run"]
+    assert rec["sources"] == {"data": {"dataset": "synthetic"}} and rec["config"]["profile"] == "smoke"
+    assert {"git_commit", "packages", "config_hash", "code_hash", "wall_time_s"} <= set(rec)
+    assert "torch" in rec["packages"]
+    assert (tmp_path / "nb" / "f.png").exists()
+    assert not list(tmp_path.glob(".nb.pending-*"))
+
+
+def test_a_failed_run_leaves_the_previous_outputs_intact(tmp_path):
+    first = Run("00_x", _cfg(tmp_path), quiet=True)
+    first.path("table.csv").write_text("old")
+    first.finish({"acc": 0.9})
+    before = (tmp_path / "nb" / "metrics.json").read_text()
+    second = Run("00_x", _cfg(tmp_path), quiet=True)
+    second.path("table.csv").write_text("half-written new")
+    # ... the notebook raises here and never calls finish()
+    assert (tmp_path / "nb" / "table.csv").read_text() == "old"
+    assert (tmp_path / "nb" / "metrics.json").read_text() == before
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    p = tmp_path / "a.json"
+    atomic_write_text(p, "1")
+    atomic_write_text(p, "2")
+    assert p.read_text() == "2" and [f.name for f in tmp_path.iterdir()] == ["a.json"]
+
+
+def _notebook(path, code):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('profile = "cpu"')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(code)]
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def fake_repo(tmp_path, monkeypatch):
+    nbs, outs = tmp_path / "notebooks", tmp_path / "outputs"
+    nbs.mkdir()
+    monkeypatch.setattr(runner, "NOTEBOOKS", nbs)
+    monkeypatch.setattr(runner, "OUTPUTS", outs)
+    return nbs, outs
+
+
+def test_runner_reports_a_failure_runs_the_rest_and_skips_unchanged(fake_repo, capsys):
+    nbs, outs = fake_repo
+    _notebook(nbs / "01_fails.ipynb", "raise RuntimeError('boom in notebook')")
+    _notebook(nbs / "02_works.ipynb", "print('profile is', profile)")
+    (outs / "smoke" / "01_fails").mkdir(parents=True)
+    (outs / "smoke" / "01_fails" / "01_fails.ipynb").write_text("previous good result")
+    assert runner.main(["--profile", "smoke"]) == 1
+    out = capsys.readouterr().out
+    assert "01_fails (smoke) ... FAILED" in out and "boom in notebook" in out
+    assert "02_works (smoke) ... ok" in out and "1/2 notebooks ok" in out
+    # the failed run is kept beside the previous result, which is untouched
+    assert (outs / "smoke" / "01_fails" / "01_fails.ipynb").read_text() == "previous good result"
+    assert (outs / "smoke" / "01_fails" / "01_fails.failed.ipynb").exists()
+    executed = nbformat.read(outs / "smoke" / "02_works" / "02_works.ipynb", 4)
+    assert "profile is smoke" in executed.cells[-1].outputs[0]["text"]
+    assert not list((outs / "smoke").rglob(".*running*"))
+
+
+def test_runner_selection_and_bad_values(fake_repo, capsys):
+    nbs, _ = fake_repo
+    _notebook(nbs / "01_a.ipynb", "pass")
+    _notebook(nbs / "02_b.ipynb", "pass")
+    assert [p.stem for p in runner.discover("02")] == ["02_b"]
+    assert [p.stem for p in runner.discover("01_a,02")] == ["01_a", "02_b"]
+    with pytest.raises(ValueError, match="NB='7' matches no notebook; valid: 01_a, 02_b"):
+        runner.discover("7")
+    with pytest.raises(SystemExit):
+        runner.main(["--profile", "gpu"])
+    assert "profile='gpu' is not valid; valid values: smoke, cpu, paper" in capsys.readouterr().err
