@@ -148,7 +148,8 @@ class ExperimentConfig:
 
 
 def load_profile(profile: str, notebook: str | None = None) -> dict:
-    """The merged ``defaults`` and ``notebooks.<notebook>`` sections of configs/<profile>.yaml."""
+    """The profile's values for one notebook: ``defaults`` of configs/<profile>.yaml, then its
+    ``notebooks: <notebook>:`` section, then the ``<profile>:`` section of configs/notebooks/<notebook>.yaml."""
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r} is not valid; valid values: {', '.join(PROFILES)}")
     path = CONFIGS / f"{profile}.yaml"
@@ -159,6 +160,13 @@ def load_profile(profile: str, notebook: str | None = None) -> dict:
     merged = dict(data.get("defaults") or {})
     if notebook is not None:
         merged.update((data.get("notebooks") or {}).get(notebook) or {})
+        per_nb = CONFIGS / "notebooks" / f"{notebook}.yaml"
+        if per_nb.exists():
+            nb_data = yaml.safe_load(per_nb.read_text()) or {}
+            unknown = set(nb_data) - set(PROFILES)
+            if unknown:
+                raise ValueError(f"{per_nb}: unknown top-level keys {sorted(unknown)}; valid: {', '.join(PROFILES)}")
+            merged.update(nb_data.get(profile) or {})
     return merged
 
 

@@ -61,6 +61,8 @@ def code_hash(notebook: str | None = None, profile: str | None = None) -> str:
         files += sorted(NOTEBOOKS.glob(f"{notebook}.ipynb"))
     if profile:
         files += [CONFIGS / f"{profile}.yaml"]
+    if notebook:
+        files += [CONFIGS / "notebooks" / f"{notebook}.yaml"]
     for f in files:
         if f.exists():
             h.update(f.relative_to(REPO_ROOT).as_posix().encode())

@@ -57,15 +57,75 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def _infinite(loader: Iterable):
-    epoch = 0
-    while True:
-        sampler = getattr(loader, "sampler", None)
+def _rng_state() -> dict:
+    """RNG states as tensors and plain values (loadable with torch.load(weights_only=True))."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                      int(has_gauss), float(gauss)], "random": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["random"])
+
+
+class _Batches:
+    """Endless batches over epochs. Remembers the RNG state at the start of the current epoch, so a resumed
+    run rebuilds the same epoch order and skips the batches already seen (exact resume on CPU)."""
+
+    def __init__(self, loader: Iterable, start_step: int = 0, epoch_rng: dict | None = None):
+        self.loader = loader
+        self.n = len(loader) if hasattr(loader, "__len__") else 0
+        self.epoch = start_step // self.n if self.n else 0
+        self.epoch_rng = epoch_rng
+        self._it = None
+        self._skip = start_step % self.n if self.n else 0
+
+    def _generators(self) -> list[torch.Generator]:
+        """The loader's own generators (DataLoader(generator=...) and its sampler's), if any."""
+        gens = []
+        for obj in (self.loader, getattr(self.loader, "sampler", None),
+                    getattr(getattr(self.loader, "batch_sampler", None), "sampler", None)):
+            g = getattr(obj, "generator", None)
+            if isinstance(g, torch.Generator) and all(g is not h for h in gens):
+                gens.append(g)
+        return gens
+
+    def _capture(self) -> dict:
+        return {**_rng_state(), "loader": [g.get_state() for g in self._generators()]}
+
+    def _restore(self, state: dict) -> None:
+        _set_rng_state(state)
+        for g, st in zip(self._generators(), state.get("loader", [])):
+            g.set_state(st)
+
+    def _new_epoch(self):
+        sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        for batch in loader:
-            yield batch
-        epoch += 1
+            sampler.set_epoch(self.epoch)
+        if self.epoch_rng is not None and self._skip:
+            now = self._capture()
+            self._restore(self.epoch_rng)
+            self._it = iter(self.loader)
+            for _ in range(self._skip):
+                next(self._it)
+            _set_rng_state(now)           # the global RNG continues from the checkpoint; the loader's from its epoch
+        else:
+            self.epoch_rng = self._capture()
+            self._it = iter(self.loader)
+        self._skip = 0
+
+    def __next__(self):
+        if self._it is None:
+            self._new_epoch()
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            self._new_epoch()
+            return next(self._it)
 
 
 @dataclass
@@ -80,7 +140,7 @@ class FitResult:
 
     def summary(self) -> dict:
         return {"steps": self.steps, "backward_passes": self.backward_passes, "skipped": self.skipped,
-                "skip_fraction": self.skipped / max(1, self.steps - self.resumed_from) if self.steps else 0.0,
+                "skip_fraction": self.skipped / max(1, self.skipped + self.backward_passes),
                 "wall_time_s": round(self.wall_time_s, 3), "peak_memory_mb": round(self.peak_memory_mb, 1),
                 "resumed_from": self.resumed_from}
 
@@ -122,6 +182,7 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
     loader = fabric.setup_dataloaders(loader) if isinstance(loader, torch.utils.data.DataLoader) else loader
     result = FitResult(0, 0, 0, 0.0)
     start = 0
+    extra: dict = {}
     config = dict(config or {})
     if ckpt_path is not None and Path(ckpt_path).exists():
         state = {"module": module, "optimizer": opt}
@@ -130,6 +191,10 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
             raise ValueError(f"checkpoint {ckpt_path} was written with another config; delete it or use its "
                              f"config to resume")
         start = int(extra["step"])
+        if extra.get("rng_now") is not None:
+            _set_rng_state(extra["rng_now"])
+        if should_backward is not None and hasattr(should_backward, "load_state_dict") and extra.get("gate"):
+            should_backward.load_state_dict(extra["gate"])
         result.history = list(extra.get("history", []))
         result.backward_passes = int(extra.get("backward_passes", 0))
         result.skipped = int(extra.get("skipped", 0))
@@ -137,7 +202,7 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
     if fabric.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(fabric.device)
     t0 = time.perf_counter()
-    it = _infinite(loader)
+    it = _Batches(loader, start, extra.get("rng_epoch") if start else None)
     bar = None
     if progress and fabric.is_global_zero:
         from tqdm.auto import tqdm
@@ -146,6 +211,8 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
     step = start
     for step in range(start, steps):
         if stop_after is not None and step >= stop_after:
+            if ckpt_path is not None:
+                save_checkpoint(fabric, ckpt_path, module, opt, step, config, result, it, should_backward)
             break
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, warmup, min_lr_ratio)
@@ -154,6 +221,8 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
         logs = {k: (v.item() if torch.is_tensor(v) else v) for k, v in dict(logs).items()}
         logs.update(step=step, loss=float(loss.detach()), lr=opt.param_groups[0]["lr"])
         do_backward = True if should_backward is None else bool(should_backward(step, logs))
+        if should_backward is not None and fabric.world_size > 1:
+            do_backward = bool(fabric.broadcast(do_backward, src=0))   # every rank must agree, or DDP hangs
         logs["backward"] = do_backward
         if do_backward:
             opt.zero_grad(set_to_none=True)
@@ -173,7 +242,7 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
         done = step + 1
         if ckpt_path is not None and ckpt_every and (done % ckpt_every == 0 or done == steps):
-            save_checkpoint(fabric, ckpt_path, module, opt, done, config, result)
+            save_checkpoint(fabric, ckpt_path, module, opt, done, config, result, it, should_backward)
     else:
         step = steps
     if bar is not None:
@@ -184,14 +253,18 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
     return result
 
 
-def save_checkpoint(fabric, path, module, opt, step: int, config: dict, result: FitResult) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a half-written checkpoint."""
+def save_checkpoint(fabric, path, module, opt, step: int, config: dict, result: FitResult, batches=None,
+                    gate=None) -> None:
+    """Write to a temporary name, then rename: a crash never leaves a half-written checkpoint. Holds the
+    RNG states (now, and at the start of the current epoch) and the gate's state, for an exact resume."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fabric.save(str(tmp), {"module": module, "optimizer": opt, "step": step, "config": config,
                            "history": result.history, "backward_passes": result.backward_passes,
-                           "skipped": result.skipped})
+                           "skipped": result.skipped, "rng_now": _rng_state(),
+                           "rng_epoch": getattr(batches, "epoch_rng", None),
+                           "gate": gate.state_dict() if hasattr(gate, "state_dict") else None})
     fabric.barrier()
     if fabric.is_global_zero:
         os.replace(tmp, path)
