@@ -141,26 +141,52 @@ class FeatureCache:
         tmp.replace(self.path)
 
 
+def fit_logistic(X: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, max_iter: int = 300,
+                 init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression, the objective of scikit-learn's ``LogisticRegression(C)``
+    (mean cross-entropy + ||W||^2 / (2 C n), bias not penalised), solved by full-batch L-BFGS in torch.
+    scikit-learn's lbfgs took 25-120 s per C on 1,200 x 768 features on this 2-core machine; this takes ~1 s."""
+    n, d = X.shape
+    W = torch.zeros(d, num_classes) if init is None else init[0].clone()
+    b = torch.zeros(num_classes) if init is None else init[1].clone()
+    W.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9,
+                            history_size=20, line_search_fn="strong_wolfe")
+    lam = 1.0 / (C * n)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(X @ W + b, y) + 0.5 * lam * (W * W).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return W.detach(), b.detach()
+
+
 def linear_probe(Xtr, ytr, Xva, yva, Xte, yte, Cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0),
-                 max_iter: int = 2000, seed: int = 0) -> dict:
+                 max_iter: int = 100, seed: int = 0) -> dict:
     """Multinomial logistic regression on standardised features; C chosen by validation accuracy,
-    then the chosen model is scored once on test."""
-    from sklearn.linear_model import LogisticRegression
+    then the chosen model is scored once on test. Cs are solved from strong to weak regularisation,
+    each warm-started from the previous solution."""
     from sklearn.preprocessing import StandardScaler
+    torch.manual_seed(seed)
     scaler = StandardScaler().fit(Xtr)
-    tr, va, te = scaler.transform(Xtr), scaler.transform(Xva), scaler.transform(Xte)
-    best = None
-    val_curve = {}
-    for C in Cs:
-        clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
-        clf.fit(tr, ytr)
-        acc = float((clf.predict(va) == yva).mean())
-        val_curve[C] = acc
-        if best is None or acc > best[0]:
-            best = (acc, C, clf)
-    val_acc, C, clf = best
-    return {"test_acc": float((clf.predict(te) == yte).mean()), "val_acc": val_acc, "C": C,
-            "val_curve": {str(k): v for k, v in val_curve.items()}}
+    t = lambda a: torch.as_tensor(scaler.transform(a), dtype=torch.float32)
+    tr, va, te = t(Xtr), t(Xva), t(Xte)
+    ytr_t = torch.as_tensor(ytr, dtype=torch.long)
+    C_classes = int(max(ytr.max(), yva.max(), yte.max())) + 1
+    acc = lambda Wb, X, y: float(((X @ Wb[0] + Wb[1]).argmax(1).numpy() == y).mean())
+    best, val_curve, Wb = None, {}, None
+    for C in sorted(Cs):
+        Wb = fit_logistic(tr, ytr_t, C_classes, C, max_iter, Wb)
+        val_curve[C] = acc(Wb, va, yva)
+        if best is None or val_curve[C] > best[0]:
+            best = (val_curve[C], C, Wb)
+    val_acc, C, Wb = best
+    return {"test_acc": acc(Wb, te, yte), "val_acc": val_acc, "C": C,
+            "val_curve": {str(k): v for k, v in sorted(val_curve.items())}}
 
 
 def knn_predict(Xtr, ytr, Xq, k: int = 20, T: float = 0.07, num_classes: int | None = None) -> np.ndarray:

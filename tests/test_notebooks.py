@@ -1,0 +1,36 @@
+"""Static checks of the notebooks: parameters papermill can read, a header, and golden copies in sync."""
+
+import nbformat
+import pytest
+
+from vitadapt.paths import NOTEBOOKS, REPO_ROOT
+
+NBS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+GOLDEN = REPO_ROOT / "tests" / "golden"
+
+
+@pytest.mark.parametrize("path", NBS, ids=lambda p: p.stem)
+def test_parameters_are_typed_and_documented(path):
+    import papermill as pm
+    params = pm.inspect_notebook(str(path))
+    assert "profile" in params
+    for name, p in params.items():
+        assert p["help"], f"{path.name}: parameter {name} has no help comment"
+
+
+@pytest.mark.parametrize("path", NBS, ids=lambda p: p.stem)
+def test_notebook_opens_with_what_it_reproduces(path):
+    nb = nbformat.read(path, 4)
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith(f"# {path.stem[:2]}")
+    assert "parameters" in nb.cells[1].metadata.get("tags", [])
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
+    assert "run.finish(" in nb.cells[-1].source
+
+
+@pytest.mark.parametrize("path", NBS, ids=lambda p: p.stem)
+def test_golden_is_in_sync_with_its_notebook(path):
+    golden = GOLDEN / path.name
+    assert golden.exists(), f"no golden for {path.name}: run `make golden`"
+    src = [c.source for c in nbformat.read(path, 4).cells]
+    gold = [c.source for c in nbformat.read(golden, 4).cells if "injected-parameters" not in c.metadata.get("tags", [])]
+    assert src == gold, f"{path.name} changed since its golden was made: run `make golden` and review the diff"
