@@ -16,6 +16,7 @@ def test_parameters_are_typed_and_documented(path):
     assert "profile" in params
     for name, p in params.items():
         assert p["help"], f"{path.name}: parameter {name} has no help comment"
+        assert p["inferred_type_name"] != "None", f"{path.name}: parameter {name} has no type annotation"
 
 
 @pytest.mark.parametrize("path", NBS, ids=lambda p: p.stem)

@@ -1,0 +1,83 @@
+"""40_parameter_budgets: the papers' trainable-parameter counts reproduced from our own code.
+
+Models are built on the ``meta`` device (shapes only, no memory, no weights), so ViT-H counts take a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import timm
+import torch
+
+from vitadapt.config import ExperimentConfig, opt
+from vitadapt.peft import count_total, count_trainable
+from vitadapt.peft.baselines import build
+from vitadapt.peft.explora import apply_explora
+from vitadapt.peft.lora import apply_lora
+from vitadapt.peft.rlrr import apply_rlrr
+
+ARCHS = {  # label: (timm name, kwargs)
+    "ViT-B/16": ("vit_base_patch16_224", {}),
+    "ViT-L/14 (DinoV2)": ("vit_large_patch14_dinov2", {}),
+    "ViT-L/16": ("vit_large_patch16_224", {}),
+    "ViT-H/14": ("vit_huge_patch14_224", {}),
+}
+
+# (method, architecture) -> (published trainable count, where it is published)
+PUBLISHED = {
+    ("ExPLoRA D-[L]-r64 (pre-training)", "ViT-L/14 (DinoV2)"): (18.7e6, "ExPLoRA, fMoW table: 18.7M"),
+    ("LoRA r8 q,v (fine-tune, no head)", "ViT-L/14 (DinoV2)"): (786_432, "ExPLoRA recipe (REFERENCE.md): 786,432 + head"),
+    ("RLRR (no head)", "ViT-B/16"): (0.33e6, "RLRR VTAB-1k: 0.33M incl. heads (averaged over tasks)"),
+    ("LoRA r8 qkv (no head)", "ViT-B/16"): (0.29e6, "RLRR VTAB-1k table: LoRA 0.29M"),
+    ("full fine-tune (no head)", "ViT-B/16"): (85.8e6, "RLRR VTAB-1k table: 85.8M"),
+    ("SSF (no head)", "ViT-B/16"): (0.24e6, "RLRR VTAB-1k table: SSF 0.24M"),
+}
+
+METHODS = {
+    "ExPLoRA D-[L]-r64 (pre-training)": lambda m: apply_explora(m, unfreeze_blocks=(-1,), rank=64),
+    "ExPLoRA [L] only, no LoRA": lambda m: apply_explora(m, unfreeze_blocks=(-1,), rank=64, targets=()),
+    "ExPLoRA [1,L]-r64": lambda m: apply_explora(m, unfreeze_blocks=(0, -1), rank=64),
+    "ExPLoRA [1,L-1,L]-r64": lambda m: apply_explora(m, unfreeze_blocks=(0, -2, -1), rank=64),
+    "ExPLoRA LoRA-r64 only (no block)": lambda m: apply_explora(m, unfreeze_blocks=(), rank=64),
+    "ExPLoRA [L]-r64 + MLP (r/4)": lambda m: apply_explora(m, unfreeze_blocks=(-1,), rank=64, targets=("q", "v", "fc1", "fc2")),
+    "LoRA r8 q,v (fine-tune, no head)": lambda m: apply_lora(m, rank=8, targets=("q", "v"), train_head=False),
+    "LoRA r8 qkv (no head)": lambda m: build("lora", m),
+    "RLRR (no head)": lambda m: apply_rlrr(m),
+    "SSF (no head)": lambda m: build("ssf", m),
+    "full fine-tune (no head)": lambda m: build("full", m),
+}
+
+
+@dataclass
+class BudgetConfig(ExperimentConfig):
+    archs: tuple = opt(tuple(ARCHS), "Architectures to count (labels of vitadapt.experiments.budgets.ARCHS).")
+    methods: tuple = opt(tuple(METHODS), "Methods to count (keys of vitadapt.experiments.budgets.METHODS).")
+
+    def check(self):
+        for name, valid, values in (("archs", ARCHS, self.archs), ("methods", METHODS, self.methods)):
+            bad = [v for v in values if v not in valid]
+            if bad:
+                raise ValueError(f"{name}: unknown {bad}; valid values: {', '.join(valid)}")
+
+
+def count(method: str, arch: str) -> tuple[int, int]:
+    """(trainable, total) parameters of ``method`` on ``arch`` without a head, built on the meta device."""
+    name, kw = ARCHS[arch]
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kw)
+        model = METHODS[method](model)
+    return count_trainable(model), count_total(model)
+
+
+def budget_table(archs, methods) -> pd.DataFrame:
+    rows = []
+    for arch in archs:
+        for method in methods:
+            trainable, total = count(method, arch)
+            pub = PUBLISHED.get((method, arch))
+            rows.append({"architecture": arch, "method": method, "trainable (ours)": trainable,
+                         "share of model": trainable / total,
+                         "published": pub[0] if pub else None, "published where": pub[1] if pub else ""})
+    return pd.DataFrame(rows)
