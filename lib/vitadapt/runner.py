@@ -79,6 +79,8 @@ def run_one(nb: Path, profile: str, params: dict, force: bool, kernel: str, time
     if not force and _up_to_date(out_dir, name, key, chash):
         return "skipped (unchanged)", 0.0, ""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if "interactive" in pm.inspect_notebook(str(nb)):
+        params = {"interactive": False, **params}     # widgets never block a headless run
     tmp = out_dir / f".{name}.running-{os.getpid()}.ipynb"
     t0 = time.perf_counter()
     try:
