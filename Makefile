@@ -9,7 +9,8 @@ FORCE ?=
 export TQDM_DISABLE ?= 1
 export PYTHONHASHSEED := 0
 
-.PHONY: setup reproduce test test-lib test-notebooks nbval golden verify-data bench clean help
+# (fashion-mnist is phony too)
+.PHONY: fashion-mnist setup reproduce test test-lib test-notebooks nbval golden verify-data bench clean help
 
 help:
 	@echo "make setup | reproduce [PROFILE=smoke|cpu|paper NB=00,01 FORCE=1] | test | verify-data | bench | golden | clean"
@@ -25,7 +26,17 @@ $(VENV)/.setup-done: requirements.txt requirements-data.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-data.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m ipykernel install --sys-prefix --name vitadapt --display-name "Python (vitadapt)" >/dev/null
+	$(MAKE) --no-print-directory fashion-mnist
 	touch $@
+
+# Debian's dataset-fashion-mnist: a natural-image target domain that works offline (UpStep, RLRR).
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+fashion-mnist:
+	@if [ -e $(FMNIST) ]; then true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	  || echo "warning: apt-get install dataset-fashion-mnist failed; notebooks that use fashion_mnist will say so"; \
+	else echo "optional: sudo apt-get install dataset-fashion-mnist (the fashion_mnist source)"; fi
 
 reproduce: setup
 	$(PY) -m vitadapt.runner --profile $(PROFILE) $(if $(NB),--nb $(NB)) $(if $(FORCE),--force)
