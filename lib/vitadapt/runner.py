@@ -25,6 +25,7 @@ from vitadapt.paths import NOTEBOOKS, OUTPUTS
 from vitadapt.results import code_hash
 
 KERNEL = "vitadapt"
+ALWAYS_RUN = {"90_results"}   # reads the other notebooks' outputs: never "unchanged"
 
 
 def discover(selection: str = "") -> list[Path]:
@@ -76,7 +77,7 @@ def run_one(nb: Path, profile: str, params: dict, force: bool, kernel: str, time
     out_dir = OUTPUTS / profile / name
     key = _config_key(profile, name, params)
     chash = code_hash(name, profile)
-    if not force and _up_to_date(out_dir, name, key, chash):
+    if not force and name not in ALWAYS_RUN and _up_to_date(out_dir, name, key, chash):
         return "skipped (unchanged)", 0.0, ""
     out_dir.mkdir(parents=True, exist_ok=True)
     if "interactive" in pm.inspect_notebook(str(nb)):

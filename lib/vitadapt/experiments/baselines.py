@@ -34,6 +34,17 @@ def run_baselines(cfg: BaselineConfig, run=None, progress: bool = False) -> pd.D
     return pd.DataFrame(rows)
 
 
+def result_rows(df: pd.DataFrame, configured: str) -> list[dict]:
+    """Rows for the results notebook: the configured backbone as "linear probe" / "kNN", the random
+    backbone as "... (random init)"."""
+    from vitadapt.results import result_row
+    rows = []
+    for (bb, ev), g in df.groupby(["backbone", "eval"], sort=False):
+        method = ev if bb == configured else f"{ev} (random init)"
+        rows.append(result_row("Frozen baselines", method, g["test_acc"], backbone=bb))
+    return rows
+
+
 def summary(df: pd.DataFrame) -> dict:
     out = {}
     for (bb, ev), g in df.groupby(["backbone", "eval"], sort=False):
