@@ -71,6 +71,14 @@ def _stamp(out_dir: Path, key: str, wall: float) -> None:
     os.replace(tmp, m)
 
 
+def _has_parameter(nb: Path, name: str) -> bool:
+    import nbformat
+    import re
+    cells = nbformat.read(nb, 4).cells
+    src = "\n".join(c.source for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    return re.search(rf"^{name}\s*[:=]", src, flags=re.M) is not None
+
+
 def run_one(nb: Path, profile: str, params: dict, force: bool, kernel: str, timeout: int | None) -> tuple[str, float, str]:
     import papermill as pm
     name = nb.stem
@@ -80,7 +88,7 @@ def run_one(nb: Path, profile: str, params: dict, force: bool, kernel: str, time
     if not force and name not in ALWAYS_RUN and _up_to_date(out_dir, name, key, chash):
         return "skipped (unchanged)", 0.0, ""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if "interactive" in pm.inspect_notebook(str(nb)):
+    if _has_parameter(nb, "interactive"):
         params = {"interactive": False, **params}     # widgets never block a headless run
     tmp = out_dir / f".{name}.running-{os.getpid()}.ipynb"
     t0 = time.perf_counter()
