@@ -89,6 +89,16 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _array_digest(ds) -> str:
+    """sha256 of a dataset's ``images`` array (shape and bytes), computed once per dataset object."""
+    if getattr(ds, "_vitadapt_digest", None) is None:
+        a = np.ascontiguousarray(ds.images)
+        h = hashlib.sha256(str((a.shape, a.dtype.str)).encode())
+        h.update(memoryview(a).cast("B"))
+        ds._vitadapt_digest = h.hexdigest()[:16]
+    return ds._vitadapt_digest
+
+
 def _item_keys(dataset: Dataset) -> list[str]:
     """Stable identities of the items: file paths where the dataset has them, else (class, index)."""
     base, idx = dataset, None
@@ -100,6 +110,8 @@ def _item_keys(dataset: Dataset) -> list[str]:
         keys = [str(s[0]) for s in base.ds.samples]
     else:
         desc = {k: getattr(base, k) for k in ("size", "style", "split", "seed", "n_per_class", "corners", "tile_size") if hasattr(base, k)}
+        if isinstance(getattr(base, "images", None), np.ndarray):    # array-backed (Fashion-MNIST): the content
+            desc["images"] = _array_digest(base)                      # tells its splits apart
         prefix = hashlib.sha256(json.dumps(desc, default=str, sort_keys=True).encode()).hexdigest()[:12] + type(base).__name__
         keys = [f"{prefix}:{i}" for i in range(len(base))]
     return keys if idx is None else [keys[i] for i in idx]
