@@ -97,3 +97,11 @@ def test_runner_selection_and_bad_values(fake_repo, capsys):
     with pytest.raises(SystemExit):
         runner.main(["--profile", "gpu"])
     assert "profile='gpu' is not valid; valid values: smoke, cpu, paper" in capsys.readouterr().err
+
+
+def test_a_new_run_clears_pending_folders_of_dead_runs(tmp_path):
+    stale = tmp_path / ".nb.pending-999999999"
+    stale.mkdir(parents=True)
+    (stale / "half.csv").write_text("x")
+    Run("00_x", _cfg(tmp_path), quiet=True)
+    assert not stale.exists()

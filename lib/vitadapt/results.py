@@ -32,6 +32,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
@@ -92,8 +102,10 @@ class Run:
         self.notebook, self.cfg = notebook, cfg
         self.out_dir = resolve(cfg.out_dir or f"outputs/{cfg.profile}/{notebook}")
         self.pending = self.out_dir.parent / f".{self.out_dir.name}.pending-{os.getpid()}"
-        if self.pending.exists():
-            shutil.rmtree(self.pending)
+        for stale in self.out_dir.parent.glob(f".{self.out_dir.name}.pending-*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+                shutil.rmtree(stale, ignore_errors=True)     # left by an interrupted run
         self.pending.mkdir(parents=True)
         self.sources: dict = {}
         self.t0 = time.perf_counter()
