@@ -187,7 +187,7 @@ PAPER = [
     ("Trainable parameters", "SSF (no head) | ViT-B/16", 0.24e6, "RLRR VTAB-1k table (incl. heads)"),
     ("Trainable parameters", "full fine-tune (no head) | ViT-B/16", 85.8e6, "RLRR VTAB-1k table"),
     # RLRR, VTAB-1k, ViT-B/16 IN-21k: group means
-    ("RLRR: VTAB-1k group mean", "rlrr", 74.5, "ViT-B/16 IN-21k, VTAB-1k (mean of groups)"),
+    ("RLRR: VTAB-1k group mean", "rlrr", 74.5, "ViT-B/16 IN-21k, VTAB-1k (mean over the 19 tasks)"),
     ("RLRR: VTAB-1k group mean", "lora", 72.3, "ViT-B/16 IN-21k, VTAB-1k"),
     ("RLRR: VTAB-1k group mean", "full", 65.6, "ViT-B/16 IN-21k, VTAB-1k"),
     ("RLRR: VTAB-1k group mean", "linear", 52.9, "ViT-B/16 IN-21k, VTAB-1k"),

@@ -1,0 +1,426 @@
+"""Supervised fine-tuning of a classifier, and the validation-selected protocol around it.
+
+:func:`finetune_classifier` trains whatever parameters of ``model`` require grad (a PEFT builder from
+:mod:`vitadapt.peft.baselines` decides which) with :func:`vitadapt.train.fit` on Lightning Fabric: AdamW (weight
+decay on matrices only), linear warm-up then cosine decay, cross-entropy with label smoothing on the model's head,
+drop-path inside the blocks, optional light augmentation (random resized crop + horizontal flip). It then scores
+each evaluation set once.
+
+Drop-path is a property of the timm model: the caller sets it when the model is created, i.e.
+``create_backbone(..., num_classes=C, drop_path_rate=0.1)``; it is active in ``model.train()`` only.
+
+:func:`select_then_test` is the VTAB-1k protocol without test leakage: every (lr, weight decay) of a small grid
+is trained on ``train`` and scored on ``val``; the best on val (ties: the first in grid order) is retrained from
+a fresh model on train + val and scored once on ``test``. Test labels play no part in the choice.
+
+Speed, for small CPU runs (all exact, no approximation):
+
+- Datasets of PIL images are turned into tensors once (:func:`materialize`, the evaluation transform) and
+  reused by every grid point and seed, unless ``augment`` needs the images or they would not fit in memory.
+- :func:`embed_tokens` / :func:`run_blocks` / :class:`TailViT` split a timm ViT into a frozen prefix (patch
+  embedding and the first blocks, run once per image, outputs cached) and a trainable tail (the last blocks,
+  the final norm and the head). With no augmentation and the prefix frozen, training the tail on cached tokens
+  gives exactly what training the whole model with those blocks frozen would. Callers that adapt only the last
+  blocks (a departure from the papers: say so) save the prefix's forward and backward cost.
+- The linear probe only trains the head: its inputs can be the cached pooled features (:func:`pooled_features`,
+  :class:`HeadOnly`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from vitadapt.eval import IMAGENET_MEAN, IMAGENET_STD, Transformed, eval_transform
+from vitadapt.peft.common import count_trainable
+from vitadapt.train import fit, make_fabric, seed_everything
+
+__all__ = ["TensorSet", "materialize", "train_transform", "finetune_classifier", "select_then_test", "evaluate",
+           "TailViT", "HeadOnly", "embed_tokens", "run_blocks", "pooled_features", "fresh_head", "concat"]
+
+MATERIALIZE_LIMIT_BYTES = 2 * 2**30
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data as tensors
+
+class TensorSet(Dataset):
+    """Pre-computed inputs (images after the evaluation transform, tokens or features) with integer labels."""
+
+    def __init__(self, x: torch.Tensor, targets: Sequence[int], kind: str = "images"):
+        if len(x) != len(targets):
+            raise ValueError(f"{len(x)} inputs but {len(targets)} labels")
+        self.x, self.targets, self.kind = x, [int(t) for t in targets], kind
+        self._y = torch.as_tensor(self.targets, dtype=torch.long)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.x[i], self._y[i]
+
+
+class _Augmented(Dataset):
+    """Light augmentation on tensor images: random resized crop (scale 0.5-1) and horizontal flip."""
+
+    def __init__(self, base: TensorSet, img_size: int):
+        from torchvision.transforms import v2
+        self.base, self.targets = base, base.targets
+        self.t = v2.Compose([v2.RandomResizedCrop(img_size, scale=(0.5, 1.0), antialias=True),
+                             v2.RandomHorizontalFlip()])
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return self.t(x), y
+
+
+def train_transform(img_size: int):
+    """PIL -> tensor with light augmentation (random resized crop, scale 0.5-1, and horizontal flip)."""
+    from torchvision import transforms as T
+    return T.Compose([T.RandomResizedCrop(img_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC,
+                                          antialias=True),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def materialize(ds: Dataset, img_size: int, batch_size: int = 64, num_workers: int = 0) -> TensorSet:
+    """Every image of ``ds`` through :func:`vitadapt.eval.eval_transform`, stacked (a :class:`TensorSet`)."""
+    if isinstance(ds, TensorSet):
+        return ds
+    loader = DataLoader(Transformed(ds, eval_transform(img_size)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers)
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(x)
+        ys.append(torch.as_tensor(y))
+    x = torch.cat(xs) if xs else torch.zeros(0, 3, img_size, img_size)
+    return TensorSet(x, torch.cat(ys).tolist() if ys else [], "images")
+
+
+def _fits_in_memory(ds: Dataset, img_size: int) -> bool:
+    return len(ds) * 3 * img_size * img_size * 4 <= MATERIALIZE_LIMIT_BYTES
+
+
+def concat(a: Dataset, b: Dataset) -> Dataset:
+    """Two datasets as one, keeping ``targets`` (tensor sets stay tensor sets)."""
+    if isinstance(a, TensorSet) and isinstance(b, TensorSet):
+        return TensorSet(torch.cat([a.x, b.x]), a.targets + b.targets, a.kind)
+    ds = ConcatDataset([a, b])
+    ds.targets = list(a.targets) + list(b.targets)
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Frozen prefix / trainable tail of a timm ViT
+
+def fresh_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Replace the classifier head by a new ``Linear(num_features, num_classes)`` (timm init: truncated normal,
+    std 0.02, zero bias) drawn from the current torch seed; returns the model."""
+    old = model.get_classifier()
+    dim = old.in_features if isinstance(old, nn.Linear) else model.num_features
+    head = nn.Linear(dim, num_classes)
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    p = next(model.parameters(), None)
+    if p is not None:
+        head = head.to(p.device)
+    model.head = head
+    if hasattr(model, "num_classes"):
+        model.num_classes = num_classes
+    return model
+
+
+class TailViT(nn.Module):
+    """The blocks ``start:`` of a timm VisionTransformer, its final norm, pooling and head, applied to the
+    tokens the blocks ``:start`` produced. The modules are the ViT's own (not copies): deep-copy the ViT first
+    to keep it. Exposes ``blocks``, ``norm``, ``head``, ``get_classifier()``, so every PEFT builder of
+    :mod:`vitadapt.peft` adapts it as it would the whole ViT (without the patch embedding)."""
+
+    def __init__(self, vit: nn.Module, start: int):
+        super().__init__()
+        if getattr(vit, "attn_pool", None) is not None:
+            raise ValueError("TailViT does not support attention pooling (global_pool='map')")
+        n = len(vit.blocks)
+        if not 0 <= start <= n:
+            raise ValueError(f"start={start} out of range; valid: 0 <= start <= {n}")
+        self.start = start
+        self.blocks = nn.Sequential(*list(vit.blocks)[start:])
+        self.norm, self.fc_norm, self.head_drop, self.head = vit.norm, vit.fc_norm, vit.head_drop, vit.head
+        self.global_pool, self.num_prefix_tokens = vit.global_pool, vit.num_prefix_tokens
+        self.pool_include_prefix = getattr(vit, "pool_include_prefix", False)
+        self.num_features = vit.num_features
+        self.num_classes = getattr(vit, "num_classes", 0)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def pre_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        from timm.layers import global_pool_nlc
+        x = self.norm(self.blocks(tokens))
+        x = global_pool_nlc(x, pool_type=self.global_pool, num_prefix_tokens=self.num_prefix_tokens,
+                            reduce_include_prefix=self.pool_include_prefix)
+        return self.head_drop(self.fc_norm(x))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pre_logits(tokens))
+
+
+class HeadOnly(nn.Module):
+    """A classifier head on pooled features (the linear probe on cached features)."""
+
+    def __init__(self, head: nn.Linear):
+        super().__init__()
+        self.head = head
+        self.num_features = head.in_features
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+def _device(fabric) -> torch.device:
+    return fabric.device if fabric is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def _map(fn: Callable, ds: TensorSet, kind: str, batch_size: int, fabric=None) -> TensorSet:
+    dev = _device(fabric)
+    outs = []
+    for i in range(0, len(ds), batch_size):
+        x = ds.x[i:i + batch_size].to(dev)
+        with fabric.autocast() if fabric is not None else contextlib.nullcontext():
+            outs.append(fn(x).float().cpu())
+    return TensorSet(torch.cat(outs) if outs else ds.x[:0], ds.targets, kind)
+
+
+def embed_tokens(vit: nn.Module, images: TensorSet, batch_size: int = 64, fabric=None) -> TensorSet:
+    """Patch embedding, position embedding and ``norm_pre`` of a timm ViT (frozen, eval mode) on every image."""
+    vit.eval().to(_device(fabric))
+
+    def fn(x):
+        return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+    return _map(fn, images, "tokens", batch_size, fabric)
+
+
+def run_blocks(blocks: nn.Module, tokens: TensorSet, batch_size: int = 64, fabric=None) -> TensorSet:
+    """Frozen blocks (eval mode) on cached tokens."""
+    blocks.eval().to(_device(fabric))
+    return _map(blocks, tokens, "tokens", batch_size, fabric)
+
+
+def pooled_features(tail: TailViT, tokens: TensorSet, batch_size: int = 64, fabric=None) -> TensorSet:
+    """The frozen tail's pre-logits (final norm, pooling, ``fc_norm``): the inputs of a linear probe."""
+    tail.eval().to(_device(fabric))
+    return _map(tail.pre_logits, tokens, "features", batch_size, fabric)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training and evaluation
+
+def _head_out(model: nn.Module) -> int | None:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
+    if head is None or isinstance(head, nn.Identity):
+        return None
+    return getattr(head, "out_features", None)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 128, fabric=None, img_size: int | None = None) -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on ``ds`` (a :class:`TensorSet`, or PIL images with ``img_size``)."""
+    if not isinstance(ds, TensorSet):
+        if img_size is None:
+            raise ValueError("evaluate on PIL images needs img_size=")
+        ds = Transformed(ds, eval_transform(img_size))
+    if len(ds) == 0:
+        return float("nan")
+    dev = _device(fabric)
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
+        with fabric.autocast() if fabric is not None else contextlib.nullcontext():
+            logits = model(x.to(dev))
+        correct += int((logits.argmax(1).cpu() == torch.as_tensor(y)).sum())
+    model.train(was_training)
+    return correct / len(ds)
+
+
+def _steps(n: int, batch_size: int, steps: int | None, epochs: float | None) -> int:
+    if (steps is None) == (epochs is None):
+        raise ValueError("give exactly one of steps= or epochs=")
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"steps={steps} must be >= 1")
+        return int(steps)
+    per_epoch = max(1, n // batch_size) if n >= batch_size else 1
+    return max(1, int(round(epochs * per_epoch)))
+
+
+def _warmup_steps(warmup: float, steps: int) -> int:
+    if isinstance(warmup, bool) or warmup < 0:
+        raise ValueError(f"warmup={warmup!r} must be >= 0 (a fraction < 1 of the steps, or a number of steps)")
+    return int(round(warmup * steps)) if isinstance(warmup, float) and warmup < 1 else int(warmup)
+
+
+def finetune_classifier(model: nn.Module, train_ds: Dataset, eval_sets: dict[str, Dataset], *, num_classes: int,
+                        img_size: int, lr: float, weight_decay: float = 0.0, steps: int | None = None,
+                        epochs: float | None = None, batch_size: int = 32, warmup: float = 0.1,
+                        label_smoothing: float = 0.1, augment: bool = False, fabric=None, seed: int = 0,
+                        grad_clip: float | None = None, eval_batch_size: int = 128, keep_model: bool = False,
+                        progress: bool = False) -> dict:
+    """Fine-tune the trainable parameters of ``model`` on ``train_ds`` and score every set in ``eval_sets``.
+
+    ``model`` must end in a classification head with ``num_classes`` outputs (``create_backbone(...,
+    num_classes=C)``, or :func:`fresh_head`); drop-path is set when the model is created (``drop_path_rate=``).
+    Datasets are PIL ``(image, label)`` datasets (turned into tensors with the evaluation transform, once) or
+    :class:`TensorSet` (images, tokens for a :class:`TailViT`, or features for a :class:`HeadOnly`).
+
+    ``steps`` or ``epochs`` (exactly one; an epoch is ``len(train) // batch_size`` steps, the last partial
+    batch dropped); ``warmup``: a fraction (< 1) of the steps, or a number of steps; AdamW with decay on
+    tensors of >= 2 dims only; the learning rate follows warm-up then cosine to 0. ``augment``: random resized
+    crop + horizontal flip on images (not for tokens/features; also wrong for tasks whose label is a position
+    or orientation). ``seed`` fixes the batch order and augmentation (the caller seeds the initialisation).
+
+    Returns ``{"acc": {name: accuracy}, "wall_time_s": training time, "eval_time_s", "steps", "history": fit's
+    per-step logs (loss, lr, acc), "trainable": parameter count, "lr", "weight_decay"}`` (+ ``"model"`` when
+    ``keep_model``).
+    """
+    out_dim = _head_out(model)
+    if out_dim is None:
+        raise ValueError("the model has no classification head: create it with create_backbone(..., num_classes=C) "
+                         "or call vitadapt.finetune.fresh_head(model, C)")
+    if out_dim != num_classes:
+        raise ValueError(f"the model's head has {out_dim} outputs but num_classes={num_classes}")
+    for name, ds in [("train", train_ds), *eval_sets.items()]:
+        t = np.asarray(getattr(ds, "targets", []))
+        if len(t) and (t.min() < 0 or t.max() >= num_classes):
+            raise ValueError(f"labels of {name!r} lie in [{t.min()}, {t.max()}], outside 0..{num_classes - 1}")
+    fabric = fabric or make_fabric()
+    seed_everything(seed)
+    if isinstance(train_ds, TensorSet):
+        if augment and train_ds.kind != "images":
+            raise ValueError(f"augment=True needs images; the training set holds {train_ds.kind}")
+        train = _Augmented(train_ds, img_size) if augment else train_ds
+    elif augment:
+        train = Transformed(train_ds, train_transform(img_size))
+    else:
+        train = materialize(train_ds, img_size) if _fits_in_memory(train_ds, img_size) else \
+            Transformed(train_ds, eval_transform(img_size))
+    n_steps = _steps(len(train), batch_size, steps, epochs)
+    loader = DataLoader(train, batch_size=min(batch_size, len(train)), shuffle=True, drop_last=len(train) >= batch_size,
+                        generator=torch.Generator().manual_seed(seed))
+
+    def loss_fn(m, batch):
+        x, y = batch
+        logits = m(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        return loss, {"acc": (logits.argmax(1) == y).float().mean()}
+
+    res = fit(fabric, model, loss_fn, loader, steps=n_steps, lr=lr, weight_decay=weight_decay,
+              warmup=_warmup_steps(warmup, n_steps), grad_clip=grad_clip, progress=progress)
+    t0 = time.perf_counter()
+    acc = {name: evaluate(model, ds, eval_batch_size, fabric, img_size) for name, ds in eval_sets.items()}
+    out = {"acc": acc, "wall_time_s": res.wall_time_s, "eval_time_s": time.perf_counter() - t0, "steps": n_steps,
+           "history": res.history, "trainable": count_trainable(model), "lr": lr, "weight_decay": weight_decay}
+    if keep_model:
+        out["model"] = model
+    return out
+
+
+def select_then_test(make_model: Callable[..., nn.Module], splits, grid: Sequence[dict], *, num_classes: int | None = None,
+                     img_size: int, steps: int | None = None, epochs: float | None = None, batch_size: int = 32,
+                     warmup: float = 0.1, label_smoothing: float = 0.1, augment: bool = False, fabric=None,
+                     seeds: Sequence[int] = (0,), select_each_seed: bool = False, retrain_steps: str = "scaled",
+                     validate_single: bool = True, grad_clip: float | None = None, progress: bool = False) -> dict:
+    """Choose (lr, weight decay) on validation, retrain on train + val, test once.
+
+    ``make_model(**extra)`` returns a fresh model with a ``num_classes`` head; it is called after
+    ``seed_everything(seed)``, so its random parts (head, adapters) follow the seed. ``extra`` are the keys of
+    a grid point other than ``lr`` and ``weight_decay`` (e.g. ``drop_path_rate``). ``splits`` has ``train``,
+    ``val``, ``test`` (PIL or :class:`TensorSet`) and ``classes``.
+
+    1. For every grid point: train on ``train`` (seed ``seeds[0]``), score ``val``.
+    2. Select the best val accuracy (ties: the first in grid order). Test labels are never read here.
+    3. For every seed: a fresh model trained on train + val with the selected point, scored once on ``test``.
+       With ``steps`` the retrain runs ``steps * len(train + val) / len(train)`` steps (``retrain_steps=
+       "scaled"``: the same number of epochs) or ``steps`` (``"same"``); with ``epochs``, the same epochs.
+    ``select_each_seed=True`` repeats step 1-2 for every seed (its own selection). ``validate_single=False``
+    skips step 1 when the grid has a single point (nothing to choose; its val accuracy is then NaN).
+
+    Returns ``{"grid": [rows: seed, lr, weight_decay, ..., val_acc, wall_time_s], "selected": {seed: point},
+    "test": [rows: seed, test_acc, wall_time_s, steps, + the selected point], "test_acc": mean over seeds,
+    "val_acc": the selected point's val accuracy (first seed), "trainable", "wall_time_s": everything}``.
+    """
+    if not grid:
+        raise ValueError("grid is empty; give at least one {'lr': ..., 'weight_decay': ...}")
+    for g in grid:
+        if "lr" not in g or "weight_decay" not in g:
+            raise ValueError(f"grid point {g!r} lacks 'lr' or 'weight_decay'")
+    if retrain_steps not in ("scaled", "same"):
+        raise ValueError(f"retrain_steps={retrain_steps!r} is not valid; valid values: 'scaled', 'same'")
+    t_all = time.perf_counter()
+    num_classes = num_classes or len(splits.classes)
+    fabric = fabric or make_fabric()
+
+    def prep(ds):
+        if isinstance(ds, TensorSet) or not _fits_in_memory(ds, img_size):
+            return ds
+        return ds if augment and ds is splits.train else materialize(ds, img_size)
+
+    train, val = prep(splits.train), prep(splits.val)
+    common = dict(num_classes=num_classes, img_size=img_size, batch_size=batch_size, warmup=warmup,
+                  label_smoothing=label_smoothing, augment=augment, fabric=fabric, grad_clip=grad_clip,
+                  progress=progress)
+
+    def build(seed, point):
+        seed_everything(seed)
+        return make_model(**{k: v for k, v in point.items() if k not in ("lr", "weight_decay")})
+
+    grid_rows, selected = [], {}
+    for s in (seeds if select_each_seed else seeds[:1]):
+        best = None
+        if len(grid) == 1 and not validate_single:
+            grid_rows.append({"seed": s, **grid[0], "val_acc": float("nan"), "wall_time_s": 0.0, "steps": 0,
+                              "trainable": None})
+            selected[s] = dict(grid[0])
+            continue
+        for point in grid:
+            r = finetune_classifier(build(s, point), train, {"val": val}, lr=point["lr"],
+                                    weight_decay=point["weight_decay"], steps=steps, epochs=epochs, seed=s, **common)
+            grid_rows.append({"seed": s, **point, "val_acc": r["acc"]["val"], "wall_time_s": r["wall_time_s"],
+                              "steps": r["steps"], "trainable": r["trainable"]})
+            if best is None or r["acc"]["val"] > best[0]:
+                best = (r["acc"]["val"], dict(point))
+        selected[s] = best[1]
+    raw = augment and not isinstance(splits.train, TensorSet)   # augmentation needs the PIL images
+    trainval = concat(splits.train, splits.val) if raw else concat(train, val)
+    test = prep(splits.test)
+    if steps is not None and retrain_steps == "scaled":
+        re_steps = max(1, int(round(steps * len(trainval) / max(1, len(train)))))
+    else:
+        re_steps = steps
+    test_rows = []
+    for s in seeds:
+        point = selected[s] if select_each_seed else selected[seeds[0]]
+        r = finetune_classifier(build(s, point), trainval, {"test": test}, lr=point["lr"],
+                                weight_decay=point["weight_decay"], steps=re_steps, epochs=epochs if steps is None else None,
+                                seed=s, **common)
+        test_rows.append({"seed": s, **point, "test_acc": r["acc"]["test"], "wall_time_s": r["wall_time_s"],
+                          "steps": r["steps"], "trainable": r["trainable"]})
+    first = selected[seeds[0]]
+    val_first = next(g["val_acc"] for g in grid_rows if g["seed"] == seeds[0] and
+                     all(g[k] == v for k, v in first.items()))   # NaN when validation was skipped
+    return {"grid": grid_rows, "selected": selected, "test": test_rows,
+            "test_acc": float(np.mean([r["test_acc"] for r in test_rows])), "val_acc": val_first,
+            "trainable": test_rows[0]["trainable"], "wall_time_s": time.perf_counter() - t_all}
