@@ -26,3 +26,20 @@ def shared_aid():
         return find_root("aid")
     except DataMissingError as e:  # the CI machine and every developer have ../shared/data/aid
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is ~10x faster than two on a shared 2-core machine, and deterministic.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def private_feature_cache(tmp_path, monkeypatch):
+    """Frozen-feature caches of a test go to a temporary folder, not outputs/cache."""
+    monkeypatch.setattr("vitadapt.eval.CACHE", tmp_path / "cache")
+    return tmp_path / "cache"

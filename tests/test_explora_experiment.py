@@ -22,19 +22,7 @@ FAST = dict(n_train_per_class=4, n_val_per_class=2, n_test_per_class=3, probe_Cs
             pretrain_batch_size=4, pretrain_lr=0.01, seeds=[0], ft_steps=2, ft_batch_size=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is ~10x faster than two on a shared 2-core machine, and deterministic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Frozen-feature caches of the tests go to a temporary folder, not outputs/cache."""
-    monkeypatch.setattr("vitadapt.eval.CACHE", tmp_path / "cache")
+pytestmark = pytest.mark.usefixtures("one_thread", "private_feature_cache")
 
 
 def make_cfg(tmp_path, notebook="10_explora_dinov2", **kw):

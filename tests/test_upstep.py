@@ -34,13 +34,7 @@ def fixed_batch(n: int = 8, seed: int = 1):
     return (x, x.flip(-1) + 0.1 * torch.randn(x.shape, generator=g))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is as fast, and on a shared 2-core machine 2 threads stall (~20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

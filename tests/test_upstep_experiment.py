@@ -17,17 +17,7 @@ from vitadapt.experiments import upstep as U
 pytest.importorskip("timm")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def feature_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr("vitadapt.eval.CACHE", tmp_path)
+pytestmark = pytest.mark.usefixtures("one_thread", "private_feature_cache")
 
 
 def tiny_cfg(**kw) -> U.UpStepConfig:

@@ -9,7 +9,6 @@ that loads with ``strict=True``. It is cached as a .pt file next to the other ou
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -100,14 +99,6 @@ def convert(path: Path | None = None) -> dict[str, torch.Tensor]:
     sd["norm.weight"] = arr("backbone.layernorm.weight")
     sd["norm.bias"] = arr("backbone.layernorm.bias")
     return sd
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cached_state_dict(cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
