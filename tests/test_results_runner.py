@@ -3,7 +3,7 @@ import json
 import nbformat
 import pytest
 
-from vitadapt import runner
+from vitadapt import paths, runner
 from vitadapt.config import ExperimentConfig, build_config
 from vitadapt.results import Run, atomic_write_text
 
@@ -64,7 +64,9 @@ def fake_repo(tmp_path, monkeypatch):
     nbs, outs = tmp_path / "notebooks", tmp_path / "outputs"
     nbs.mkdir()
     monkeypatch.setattr(runner, "NOTEBOOKS", nbs)
-    monkeypatch.setattr(runner, "OUTPUTS", outs)
+    monkeypatch.setattr(paths, "OUTPUTS", outs)
+    for var in ("RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
     return nbs, outs
 
 
@@ -105,3 +107,41 @@ def test_a_new_run_clears_pending_folders_of_dead_runs(tmp_path):
     (stale / "half.csv").write_text("x")
     Run("00_x", _cfg(tmp_path), quiet=True)
     assert not stale.exists()
+
+
+def test_launch_rank_reads_torchrun_and_slurm(monkeypatch):
+    for var in ("RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert paths.launch_rank() == 0
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    assert paths.launch_rank() == 0                  # a single SLURM task (salloc, sbatch without srun) is rank 0
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert paths.launch_rank() == 2
+    monkeypatch.setenv("RANK", "3")                  # torchrun's variable wins
+    assert paths.launch_rank() == 3
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(ValueError, match="RANK/SLURM_PROCID='x' is not valid"):
+        paths.launch_rank()
+
+
+def test_non_zero_ranks_never_write_over_rank_zero_outputs(fake_repo, monkeypatch):
+    nbs, outs = fake_repo
+    _notebook(nbs / "02_works.ipynb", "print('ok')")
+    monkeypatch.setenv("RANK", "1")
+    assert runner.main(["--profile", "smoke", "--force"]) == 0
+    assert (outs / "smoke" / ".ranks" / "rank1" / "02_works" / "02_works.ipynb").exists()
+    assert not (outs / "smoke" / "02_works").exists()
+    run = Run("02_works", build_config(ExperimentConfig, "smoke"), quiet=True)
+    assert run.finish({"acc": 1.0}) == outs / "smoke" / ".ranks" / "rank1" / "02_works" / "metrics.json"
+    monkeypatch.setenv("RANK", "0")
+    assert Run("02_works", build_config(ExperimentConfig, "smoke"), quiet=True).out_dir == outs / "smoke" / "02_works"
+
+
+def test_the_runner_removes_partial_notebooks_of_killed_runs(fake_repo):
+    nbs, outs = fake_repo
+    _notebook(nbs / "02_works.ipynb", "print('ok')")
+    out = outs / "smoke" / "02_works"
+    out.mkdir(parents=True)
+    (out / ".02_works.running-999999999.ipynb").write_text("{}")
+    assert runner.main(["--profile", "smoke", "--nb", "02"]) == 0
+    assert [p.name for p in out.glob(".*")] == []

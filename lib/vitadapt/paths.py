@@ -18,3 +18,23 @@ def resolve(path: str | os.PathLike) -> Path:
     """An absolute path: absolute paths stay, relative ones are taken from the repository root."""
     p = Path(os.path.expanduser(str(path)))
     return p if p.is_absolute() else (REPO_ROOT / p)
+
+
+def launch_rank() -> int:
+    """This process's global rank when launched by torchrun (``RANK``) or SLURM (``SLURM_PROCID`` with more
+    than one task), else 0. Papermill kernels inherit the launcher's environment, so a notebook knows it too."""
+    rank = os.environ.get("RANK")
+    if rank is None and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+        rank = os.environ.get("SLURM_PROCID")
+    try:
+        return int(rank) if rank is not None else 0
+    except ValueError:
+        raise ValueError(f"RANK/SLURM_PROCID={rank!r} is not valid; valid values: a non-negative integer") from None
+
+
+def output_dir(profile: str, notebook: str) -> Path:
+    """``outputs/<profile>/<notebook>`` on rank 0. Other ranks of a multi-process launch write their copy under
+    ``outputs/<profile>/.ranks/rank<r>/<notebook>`` so that they never overwrite rank 0's outputs."""
+    rank = launch_rank()
+    base = OUTPUTS / profile
+    return base / notebook if rank == 0 else base / ".ranks" / f"rank{rank}" / notebook

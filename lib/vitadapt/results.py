@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from vitadapt.paths import CONFIGS, NOTEBOOKS, REPO_ROOT, resolve
+from vitadapt.paths import CONFIGS, NOTEBOOKS, REPO_ROOT, output_dir, resolve
 
 PACKAGES = ("torch", "torchvision", "timm", "peft", "lightly", "lightning", "torchgeo", "scikit-learn", "numpy",
             "papermill", "nbval")
@@ -100,7 +100,7 @@ class Run:
 
     def __init__(self, notebook: str, cfg, quiet: bool = False):
         self.notebook, self.cfg = notebook, cfg
-        self.out_dir = resolve(cfg.out_dir or f"outputs/{cfg.profile}/{notebook}")
+        self.out_dir = resolve(cfg.out_dir) if cfg.out_dir else output_dir(cfg.profile, notebook)
         self.pending = self.out_dir.parent / f".{self.out_dir.name}.pending-{os.getpid()}"
         for stale in self.out_dir.parent.glob(f".{self.out_dir.name}.pending-*"):
             pid = stale.name.rsplit("-", 1)[-1]

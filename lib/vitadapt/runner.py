@@ -21,8 +21,8 @@ from pathlib import Path
 import yaml
 
 from vitadapt.config import PROFILES, load_profile
-from vitadapt.paths import NOTEBOOKS, OUTPUTS
-from vitadapt.results import code_hash
+from vitadapt.paths import NOTEBOOKS, output_dir
+from vitadapt.results import _alive, code_hash
 
 KERNEL = "vitadapt"
 ALWAYS_RUN = {"90_results"}   # reads the other notebooks' outputs: never "unchanged"
@@ -82,7 +82,7 @@ def _has_parameter(nb: Path, name: str) -> bool:
 def run_one(nb: Path, profile: str, params: dict, force: bool, kernel: str, timeout: int | None) -> tuple[str, float, str]:
     import papermill as pm
     name = nb.stem
-    out_dir = OUTPUTS / profile / name
+    out_dir = output_dir(profile, name)
     key = _config_key(profile, name, params)
     chash = code_hash(name, profile)
     if not force and name not in ALWAYS_RUN and _up_to_date(out_dir, name, key, chash):
@@ -90,6 +90,10 @@ def run_one(nb: Path, profile: str, params: dict, force: bool, kernel: str, time
     out_dir.mkdir(parents=True, exist_ok=True)
     if _has_parameter(nb, "interactive"):
         params = {"interactive": False, **params}     # widgets never block a headless run
+    for stale in out_dir.glob(f".{name}.running-*.ipynb"):      # left by a killed runner
+        pid = stale.name[: -len(".ipynb")].rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
     tmp = out_dir / f".{name}.running-{os.getpid()}.ipynb"
     t0 = time.perf_counter()
     try:
