@@ -304,6 +304,14 @@ def _adapter(cfg, method):
     return lambda m: build(method, m, **kw)
 
 
+def _load_recorded(cfg: RLRRConfig, run=None) -> nn.Module:
+    """The configured backbone, its weight source recorded in ``run`` (when given)."""
+    vit, info = load_vit(cfg)
+    if run is not None:
+        run.use("weights", info)
+    return vit
+
+
 def _fabric(cfg):
     from vitadapt.train import fabric_from_config
     return fabric_from_config(cfg)
@@ -361,11 +369,7 @@ def plan(cfg: RLRRConfig, n_runs_per_task: int, shared_grid: bool = False) -> di
 
 def run_benchmark(cfg: RLRRConfig, run=None, vit=None, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every method on every task: one row per (task, method, seed); and the grid table (val accuracies)."""
-    fabric = _fabric(cfg)
-    if vit is None:
-        vit, info = load_vit(cfg)
-        if run is not None:
-            run.use("weights", info)
+    fabric, vit = _fabric(cfg), vit if vit is not None else _load_recorded(cfg, run)
     rows, grid_rows = [], []
     for task in cfg.tasks:
         ti = prepare_task(cfg, task, vit, fabric)
@@ -469,11 +473,7 @@ def _key(kw: dict) -> tuple:
 
 def run_ablations(cfg: RLRRConfig, run=None, vit=None, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every RLRR variant on every task; identical variants (the official one) are trained once and shared."""
-    fabric = _fabric(cfg)
-    if vit is None:
-        vit, info = load_vit(cfg)
-        if run is not None:
-            run.use("weights", info)
+    fabric, vit = _fabric(cfg), vit if vit is not None else _load_recorded(cfg, run)
     variants = ablation_variants(cfg)
     unique: dict[tuple, dict] = {}
     for _, _, kw in variants:
