@@ -74,6 +74,14 @@ def test_counts_stored_as_floats_are_exact():
     assert compare(b, blob()) == ["metrics.cost.explora.steps: 3.01 vs golden 3 (exact)"]
 
 
+def test_nan_matches_only_nan():
+    b = changed(["metrics", "cost", "explora", "steps"], float("nan"))
+    assert compare(b, b) == []
+    assert compare(b, blob()) == ["metrics.cost.explora.steps: nan vs golden 3"]
+    b = changed(["metrics", "runs"], [dict(blob()["metrics"]["runs"][0], final_loss=float("nan"))])
+    assert compare(b, blob()) == ["metrics.runs[0].final_loss: nan vs golden 6.0968"]
+
+
 def test_strings_bools_and_none_are_exact():
     assert len(compare(changed(["metrics", "plan"], [dict(blob()["metrics"]["plan"][0], variant="lora")]), blob())) == 1
     assert len(compare(changed(["metrics", "dry_run"], False), blob())) == 1

@@ -117,13 +117,13 @@ def compare(actual: dict, golden: dict, name: str = "") -> list[str]:
             for i, (x, y) in enumerate(zip(a, g)):
                 walk(x, y, f"{path}[{i}]", key, scale)
         elif _num(a) and _num(g):
+            if math.isnan(a) or math.isnan(g):          # a missing value (NaN in a pandas column) is exact
+                if not (math.isnan(a) and math.isnan(g)):
+                    diffs.append(f"{prefix}{path}: {_fmt(a)} vs golden {_fmt(g)}")
+                return
             if (isinstance(a, int) and isinstance(g, int)) or _words(key) & COUNTS:
                 if a != g:
                     diffs.append(f"{prefix}{path}: {_fmt(a)} vs golden {_fmt(g)} (exact)")
-                return
-            if math.isnan(a) or math.isnan(g):
-                if not (math.isnan(a) and math.isnan(g)):
-                    diffs.append(f"{prefix}{path}: {_fmt(a)} vs golden {_fmt(g)}")
                 return
             s = 100.0 if any(r.search(f"{name}:{path}") for r in PERCENT) else scale
             d = abs(a - g)
