@@ -40,7 +40,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from vitadapt.eval import IMAGENET_MEAN, IMAGENET_STD, Transformed, eval_transform
 from vitadapt.peft.common import count_trainable
-from vitadapt.train import fit, make_fabric, seed_everything
+from vitadapt.train import Diverged, fit, job, make_fabric, seed_everything
 
 __all__ = ["TensorSet", "materialize", "train_transform", "finetune_classifier", "select_then_test", "evaluate",
            "TailViT", "HeadOnly", "embed_tokens", "run_blocks", "pooled_features", "fresh_head", "concat"]
@@ -351,12 +351,15 @@ def select_then_test(make_model: Callable[..., nn.Module], splits, grid: Sequenc
     ``val``, ``test`` (PIL or :class:`TensorSet`) and ``classes``.
 
     1. For every grid point: train on ``train`` (seed ``seeds[0]``), score ``val``.
-    2. Select the best val accuracy (ties: the first in grid order). Test labels are never read here.
+    2. Select the best val accuracy (ties: the first in grid order). Test labels are never read here. A point
+       whose training diverged (:class:`vitadapt.train.Diverged`) is lost (``val_acc`` NaN, ``diverged`` in its
+       row); if every point diverged, :class:`~vitadapt.train.Diverged` is raised.
     3. For every seed: a fresh model trained on train + val with the selected point, scored once on ``test``.
        With ``steps`` the retrain runs ``steps * len(train + val) / len(train)`` steps (``retrain_steps=
        "scaled"``: the same number of epochs) or ``steps`` (``"same"``); with ``epochs``, the same epochs.
     ``select_each_seed=True`` repeats step 1-2 for every seed (its own selection). ``validate_single=False``
-    skips step 1 when the grid has a single point (nothing to choose; its val accuracy is then NaN).
+    skips step 1 when the grid has a single point (nothing to choose; its val accuracy is then NaN). A seed whose
+    retraining diverged has ``test_acc`` NaN and a ``diverged`` note; the other seeds stand.
 
     Returns ``{"grid": [rows: seed, lr, weight_decay, ..., val_acc, wall_time_s], "selected": {seed: point},
     "test": [rows: seed, test_acc, wall_time_s, steps, + the selected point], "test_acc": mean over seeds,
@@ -395,13 +398,27 @@ def select_then_test(make_model: Callable[..., nn.Module], splits, grid: Sequenc
                               "trainable": None})
             selected[s] = dict(grid[0])
             continue
+        lost = None
         for point in grid:
-            r = finetune_classifier(build(s, point), train, {"val": val}, lr=point["lr"],
-                                    weight_decay=point["weight_decay"], steps=steps, epochs=epochs, seed=s, **common)
+            try:
+                with job(lr=point["lr"], weight_decay=point["weight_decay"], phase="selection"):
+                    r = finetune_classifier(build(s, point), train, {"val": val}, lr=point["lr"],
+                                            weight_decay=point["weight_decay"], steps=steps, epochs=epochs, seed=s,
+                                            **common)
+            except Diverged as e:                    # a diverged point is lost, never selected
+                lost = e
+                grid_rows.append({"seed": s, **point, "val_acc": float("nan"), "wall_time_s": 0.0, "steps": e.step,
+                                  "trainable": None, "diverged": e.short})
+                continue
             grid_rows.append({"seed": s, **point, "val_acc": r["acc"]["val"], "wall_time_s": r["wall_time_s"],
                               "steps": r["steps"], "trainable": r["trainable"]})
             if best is None or r["acc"]["val"] > best[0]:
                 best = (r["acc"]["val"], dict(point))
+        if best is None:
+            e = Diverged(f"every one of the {len(grid)} grid points diverged; the last: {lost.what}", lost.step,
+                         lost.lr, lost.base_lr, job={k: v for k, v in lost.job.items() if k not in ("lr", "weight_decay", "phase")})
+            e.grid = grid_rows
+            raise e
         selected[s] = best[1]
     raw = augment and not isinstance(splits.train, TensorSet)   # augmentation needs the PIL images
     trainval = concat(splits.train, splits.val) if raw else concat(train, val)
@@ -413,14 +430,20 @@ def select_then_test(make_model: Callable[..., nn.Module], splits, grid: Sequenc
     test_rows = []
     for s in seeds:
         point = selected[s] if select_each_seed else selected[seeds[0]]
-        r = finetune_classifier(build(s, point), trainval, {"test": test}, lr=point["lr"],
-                                weight_decay=point["weight_decay"], steps=re_steps, epochs=epochs if steps is None else None,
-                                seed=s, **common)
+        try:
+            with job(seed=s, lr=point["lr"], weight_decay=point["weight_decay"], phase="retrain on train+val"):
+                r = finetune_classifier(build(s, point), trainval, {"test": test}, lr=point["lr"],
+                                        weight_decay=point["weight_decay"], steps=re_steps,
+                                        epochs=epochs if steps is None else None, seed=s, **common)
+        except Diverged as e:                        # this seed's result is lost; the others stand
+            test_rows.append({"seed": s, **point, "test_acc": float("nan"), "wall_time_s": 0.0, "steps": e.step,
+                              "trainable": count_trainable(build(s, point)), "diverged": e.short})
+            continue
         test_rows.append({"seed": s, **point, "test_acc": r["acc"]["test"], "wall_time_s": r["wall_time_s"],
                           "steps": r["steps"], "trainable": r["trainable"]})
     first = selected[seeds[0]]
     val_first = next(g["val_acc"] for g in grid_rows if g["seed"] == seeds[0] and
                      all(g[k] == v for k, v in first.items()))   # NaN when validation was skipped
     return {"grid": grid_rows, "selected": selected, "test": test_rows,
-            "test_acc": float(np.mean([r["test_acc"] for r in test_rows])), "val_acc": val_first,
+            "test_acc": float(np.mean([r["test_acc"] for r in test_rows])), "val_acc": val_first,   # NaN if any diverged
             "trainable": test_rows[0]["trainable"], "wall_time_s": time.perf_counter() - t_all}

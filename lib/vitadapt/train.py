@@ -7,6 +7,7 @@ logs) -> bool`` lets a gate (UpStep) skip the backward pass and the optimizer st
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -18,6 +19,61 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 from torch import nn
+
+
+# ---- divergence ------------------------------------------------------------------------------------
+
+# A plain stack, not a ContextVar: a notebook's cells may run in different contexts (ipykernel), and the
+# notebook's name, set once by vitadapt.results.Run, must reach the jobs of later cells.
+_JOBS: list[dict] = [{}]
+
+
+def current_job() -> dict:
+    return dict(_JOBS[-1])
+
+
+@contextlib.contextmanager
+def job(**what):
+    """Name the job that runs inside (notebook, variant, method, seed, ...): a :class:`Diverged` raised in it
+    says which job diverged. Nested jobs add to the outer ones."""
+    _JOBS.append({**_JOBS[-1], **{k: v for k, v in what.items() if v is not None}})
+    try:
+        yield
+    finally:
+        _JOBS.pop()
+
+
+def set_notebook(name: str) -> None:
+    """The notebook every later job belongs to (called by :class:`vitadapt.results.Run`)."""
+    _JOBS[0] = {"notebook": name}
+
+
+class Diverged(RuntimeError):
+    """A training loop met a non-finite loss, gradient norm or parameter: the job stops, its result is lost.
+
+    The message names the job (notebook, variant or method, seed, ...), the step and the learning rates; the
+    experiment that catches it marks the job's rows "diverged" instead of reporting a number."""
+
+    def __init__(self, what: str, step: int, lr: float, base_lr: float, job: dict | None = None):
+        self.what, self.step, self.lr, self.base_lr = what, int(step), float(lr), float(base_lr)
+        self.job = current_job() if job is None else dict(job)
+        where = " | ".join(f"{k} {v}" for k, v in self.job.items())
+        super().__init__(f"diverged: {where + ' | ' if where else ''}step {self.step} | lr {self.lr:.3g} (peak "
+                         f"{self.base_lr:.3g}) | {what}: lower the learning rate")
+
+    @property
+    def short(self) -> str:
+        """One line for a table cell or a log: what, step and lr (the job is in the row already)."""
+        return f"diverged at step {self.step}, lr {self.lr:.3g} (peak {self.base_lr:.3g}): {self.what}"
+
+
+# A loss this many times its first value (at least 1) above it has exploded: the run is diverging even where the
+# numbers are still finite (a cross-entropy of 2.3 rising past 232, a DINO loss of 8.3 past 840).
+EXPLODED = 100.0
+
+
+def _finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x.detach()).all())
 
 
 def seed_everything(seed: int) -> None:
@@ -158,7 +214,7 @@ def _peak_memory_mb(device) -> float:
 def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict]], loader,
         *, steps: int, lr: float, weight_decay: float = 0.05, warmup: int = 0, betas=(0.9, 0.999),
         grad_clip: float | None = None, min_lr_ratio: float = 0.0, ckpt_path: str | os.PathLike | None = None,
-        ckpt_every: int = 0, config: dict | None = None, on_step: Callable[[int, nn.Module], None] | None = None,
+        ckpt_every: int = 0, ckpt_every_s: float | None = None, config: dict | None = None, on_step: Callable[[int, nn.Module], None] | None = None,
         should_backward: Callable[[int, dict], bool] | None = None, log_every: int = 1,
         stop_after: int | None = None, progress: bool = False) -> FitResult:
     """Train the parameters of ``module`` that require grad for ``steps`` iterations with AdamW and a
@@ -166,7 +222,13 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
 
     Checkpoints (``ckpt_path``) hold the module, optimizer, step, history and ``config``; when the file
     exists and its config equals ``config``, training resumes from its step (a different config is an
-    error, not a silent restart). ``stop_after`` ends the loop early at that step (to test resume).
+    error, not a silent restart). They are written every ``ckpt_every`` steps, or (``ckpt_every_s``) when that many
+    seconds have passed since the last one, and at the last step. ``stop_after`` ends the loop early at that step
+    (to test resume).
+
+    A non-finite loss, a loss :data:`EXPLODED` times above its first value, a non-finite gradient norm (with
+    ``grad_clip``) or trained parameter raises :class:`Diverged`, naming the
+    job (:func:`job`), the step and the learning rate.
     Skipped iterations (``should_backward`` false) still run the forward pass and count as steps.
     """
     if steps < 1:
@@ -201,7 +263,8 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
         result.resumed_from = start
     if fabric.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(fabric.device)
-    t0 = time.perf_counter()
+    t0 = last_save = time.perf_counter()
+    ref_loss = None
     it = _Batches(loader, start, extra.get("rng_epoch") if start else None)
     bar = None
     if progress and fabric.is_global_zero:
@@ -217,7 +280,14 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, warmup, min_lr_ratio)
         batch = next(it)
+        cur_lr = opt.param_groups[0]["lr"]
         loss, logs = loss_fn(module, batch)
+        if not _finite(loss):
+            raise Diverged(f"non-finite loss ({float(loss.detach().float().mean())})", step, cur_lr, lr)
+        if ref_loss is None:
+            ref_loss = result.history[0]["loss"] if result.history else float(loss.detach())
+        elif float(loss.detach()) > ref_loss + EXPLODED * max(abs(ref_loss), 1.0):
+            raise Diverged(f"the loss exploded from {ref_loss:.4g} to {float(loss.detach()):.4g}", step, cur_lr, lr)
         logs = {k: (v.item() if torch.is_tensor(v) else v) for k, v in dict(logs).items()}
         logs.update(step=step, loss=float(loss.detach()), lr=opt.param_groups[0]["lr"])
         do_backward = True if should_backward is None else bool(should_backward(step, logs))
@@ -228,7 +298,9 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
             opt.zero_grad(set_to_none=True)
             fabric.backward(loss)
             if grad_clip:
-                fabric.clip_gradients(module, opt, max_norm=grad_clip)
+                norm = fabric.clip_gradients(module, opt, max_norm=grad_clip, error_if_nonfinite=False)
+                if norm is not None and not _finite(torch.as_tensor(norm)):
+                    raise Diverged(f"non-finite gradient norm ({float(norm)})", step, cur_lr, lr)
             opt.step()
             result.backward_passes += 1
         else:
@@ -241,12 +313,18 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
         done = step + 1
-        if ckpt_path is not None and ckpt_every and (done % ckpt_every == 0 or done == steps):
+        due = (ckpt_every and done % ckpt_every == 0) or done == steps or \
+            (ckpt_every_s is not None and time.perf_counter() - last_save >= ckpt_every_s)
+        if ckpt_path is not None and (ckpt_every or ckpt_every_s is not None) and due:
             save_checkpoint(fabric, ckpt_path, module, opt, done, config, result, it, should_backward)
+            last_save = time.perf_counter()
     else:
         step = steps
     if bar is not None:
         bar.close()
+    bad = next((n for n, p in module.named_parameters() if p.requires_grad and not _finite(p)), None)
+    if bad is not None:
+        raise Diverged(f"non-finite parameter {bad} after training", step, opt.param_groups[0]["lr"], lr)
     result.steps = step if stop_after is not None and step < steps else steps
     result.wall_time_s = time.perf_counter() - t0
     result.peak_memory_mb = _peak_memory_mb(fabric.device)
