@@ -107,11 +107,31 @@ class Run:
             if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
                 shutil.rmtree(stale, ignore_errors=True)     # left by an interrupted run
         self.pending.mkdir(parents=True)
+        self.jobs = self._job_store(quiet)
+        from vitadapt.train import set_notebook
+        set_notebook(notebook)
         self.sources: dict = {}
         self.t0 = time.perf_counter()
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if not quiet:
             print(f"{notebook} | profile {cfg.profile} | outputs -> {self.out_dir.relative_to(REPO_ROOT) if self.out_dir.is_relative_to(REPO_ROOT) else self.out_dir}")
+
+    def _job_store(self, quiet: bool):
+        """The finished jobs of an interrupted earlier run with this config and code (see :mod:`vitadapt.jobs`);
+        stores of another config or code are removed."""
+        from vitadapt.jobs import JobStore, resume_enabled
+        key = hashlib.sha256(f"{self.cfg.hash()} {code_hash(self.notebook, self.cfg.profile)}".encode()).hexdigest()[:16]
+        parent = self.out_dir.parent / f".{self.out_dir.name}.resume"
+        for old in parent.glob("*") if parent.exists() else []:
+            if old.name != key:
+                shutil.rmtree(old, ignore_errors=True)
+        if not resume_enabled():
+            return JobStore(None)
+        root = parent / key
+        if root.exists() and any(root.glob("*.pkl")) and not quiet:
+            print(f"resume: {len(list(root.glob('*.pkl')))} finished job(s) of an interrupted run with this config "
+                  f"and code are kept (VITADAPT_RESUME=0 to start afresh)")
+        return JobStore(root, log=None if quiet else print)
 
     def use(self, kind: str, record: dict) -> None:
         """Record a data or weight source the run used (printed in the notebook, kept in metrics.json)."""
@@ -135,6 +155,7 @@ class Run:
         return {"notebook": self.notebook, "profile": self.cfg.profile, "config": self.cfg.to_dict(),
                 "config_hash": self.cfg.hash(), "code_hash": code_hash(self.notebook, self.cfg.profile),
                 "git_commit": git_commit(), "packages": package_versions(), "sources": self.sources,
+                "resumed_jobs": len(self.jobs.kept),
                 "started": self.started, "wall_time_s": round(time.perf_counter() - self.t0, 2),
                 "host": {"machine": platform.machine(), "cpus": os.cpu_count()}}
 
@@ -148,6 +169,9 @@ class Run:
                 os.replace(f, self.out_dir / f.name)
         os.replace(self.pending / "metrics.json", self.out_dir / "metrics.json")   # last: marks completion
         shutil.rmtree(self.pending, ignore_errors=True)
+        self.jobs.clear()
+        if self.jobs.root is not None:
+            shutil.rmtree(self.jobs.root.parent, ignore_errors=True)
         return self.out_dir / "metrics.json"
 
 
@@ -159,10 +183,8 @@ def mean_std_table(rows: list[dict], group: str | list[str], value_cols: list[st
     """A pandas table of mean and std over seeds per ``group``, formatted 'mean ± std'."""
     import pandas as pd
     df = pd.DataFrame(rows)
-    agg = df.groupby(group, sort=False)[value_cols].agg(["mean", "std"]).fillna(0.0)
-    out = pd.DataFrame(index=agg.index)
-    for c in value_cols:
-        out[c] = [f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(agg[(c, "mean")], agg[(c, "std")])]
+    from vitadapt.jobs import mean_std_text
+    out = df.groupby(group, sort=False)[value_cols].agg(lambda v: mean_std_text(v, digits))   # "diverged" if all NaN
     out["n_seeds"] = df.groupby(group, sort=False).size()
     return out
 
@@ -198,9 +220,9 @@ PAPER = [
 def result_row(table: str, method: str, values, metric: str = "top-1 (%)", scale: float = 100.0, **extra) -> dict:
     """A row of the shared results schema: mean, std and n over seeds of ``values`` (fractions -> %)."""
     import numpy as np
-    a = np.asarray(list(values), float) * scale
-    return {"table": table, "method": method, "metric": metric, "mean": float(a.mean()),
-            "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": int(len(a)), **extra}
+    from vitadapt.jobs import summarize
+    s = summarize(np.asarray(list(values), float) * scale)     # diverged seeds (NaN) are counted, never averaged
+    return {"table": table, "method": method, "metric": metric, **s, **extra}
 
 
 def collect(profile: str, outputs: Path | None = None):

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from vitadapt.config import ExperimentConfig, _dataset_names, opt
 from vitadapt.data import DATASETS, DataMissingError, Splits, get_dataset
 from vitadapt.experiments.common import chance, frozen_eval, load_splits, summarize
+from vitadapt.jobs import checkpoint_every_s, diverged_row, mark_diverged, mean_std_text
 from vitadapt.models import count_params, create_backbone
 from vitadapt.paths import resolve
 from vitadapt.peft.common import count_trainable, freeze
@@ -539,7 +540,7 @@ class Pretrained:
 
 def pretrain_variant(cfg: ExploraConfig, variant: str, seed: int, base: tuple[nn.Module, dict] | None = None,
                      fabric=None, decoder_state: dict | None = None, progress: bool = False,
-                     label: str | None = None) -> Pretrained:
+                     label: str | None = None, ckpt=None) -> Pretrained:
     """Extended pre-training of ``variant`` on a copy of the base model (``base`` = (model, info); loaded when not
     given; never modified), then merge. ``frozen`` returns the base model itself, untrained.
 
@@ -566,7 +567,8 @@ def pretrain_variant(cfg: ExploraConfig, variant: str, seed: int, base: tuple[nn
     level = reset_peak_memory(fabric.device)
     res = fit(fabric, objective, loss_fn, loader, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
               weight_decay=cfg.pretrain_weight_decay, warmup=cfg.pretrain_warmup, betas=(0.9, _beta2(cfg)),
-              grad_clip=cfg.grad_clip or None, on_step=on_step, progress=progress)
+              grad_clip=cfg.grad_clip or None, on_step=on_step, progress=progress,
+              ckpt_path=ckpt, ckpt_every_s=checkpoint_every_s() if ckpt else None, config={"variant": label, "seed": seed})
     objective.eval()
     if cfg.objective == "dinov2":
         kept = objective.teacher if cfg.eval_weights == "teacher" else objective.student
@@ -707,7 +709,12 @@ def evaluate_variant(cfg: ExploraConfig, model: nn.Module, info: dict, seed: int
     splits = splits or load_splits(cfg, seed=seed)
     rows = frozen_eval(cfg, model, info, splits, seed, cfg.probe_Cs, cfg.knn_ks)
     if cfg.finetune if finetune is None else finetune:
-        rows.append(lora_finetune(cfg, model, splits, seed, fabric, ft_splits, info))
+        from vitadapt.train import Diverged, job
+        try:
+            with job(eval="fine-tune"):
+                rows.append(lora_finetune(cfg, model, splits, seed, fabric, ft_splits, info))
+        except Diverged as e:
+            rows.append(diverged_row(seed, f"LoRA-r{cfg.ft_rank} fine-tune", e))
     return rows
 
 
@@ -745,33 +752,60 @@ def _run_grid(cfg: ExploraConfig, jobs: list[tuple[str, str, dict]], run=None, p
     gc.collect()
     gc.freeze()      # what exists now lives on: later collections (before each memory measurement) skip it
     try:
-        _grid_loop(cfg, jobs, base, fabric, do_ft, evals, runs, history, progress, log)
+        _grid_loop(cfg, jobs, base, fabric, do_ft, evals, runs, history, progress, log,
+                   getattr(run, "jobs", None))
     finally:
         gc.unfreeze()
     return ExploraResults(pd.DataFrame(evals), pd.DataFrame(runs), pd.DataFrame(history))
 
 
-def _grid_loop(cfg, jobs, base, fabric, do_ft, evals, runs, history, progress, log) -> None:
+def _grid_loop(cfg, jobs, base, fabric, do_ft, evals, runs, history, progress, log, store=None) -> None:
+    from vitadapt.jobs import JobStore
+    store = store or JobStore(None)
     for seed in cfg.seeds:
-        splits = load_splits(cfg, seed=seed)
-        ft_data = _ft_splits(cfg, splits) if do_ft else None
-        dec = warm_decoder(cfg, base[0], seed, fabric)
+        per_seed: dict = {}
+
+        def seed_data(seed=seed, per_seed=per_seed) -> dict:      # only when a job of this seed really runs
+            if not per_seed:
+                splits = load_splits(cfg, seed=seed)
+                per_seed.update(splits=splits, ft=_ft_splits(cfg, splits) if do_ft else None,
+                                dec=warm_decoder(cfg, base[0], seed, fabric))
+            return per_seed
         for label, variant, over in jobs:
             vcfg = dataclasses.replace(cfg, **over) if over else cfg
-            t0 = time.perf_counter()
-            pre = pretrain_variant(vcfg, variant, seed, base, fabric, dec, progress, label)
-            t1 = time.perf_counter()
-            rows = evaluate_variant(vcfg, pre.model, base[1], seed, splits, fabric, do_ft, ft_data)
-            t2 = time.perf_counter()
-            for r in rows:
-                evals.append({"variant": label, **r, "chance": chance(splits)})
-            runs.append({**pre.record, "eval_wall_time_s": t2 - t1})
-            history += pre.history
+            out = store.run({"variant": label, "seed": seed},
+                            lambda ckpt, vcfg=vcfg, label=label, variant=variant:
+                            _job(vcfg, label, variant, seed, base, fabric, do_ft, seed_data, progress, ckpt))
+            evals += out["evals"]
+            runs.append(out["run"])
+            history += out["history"]
             if log:
-                accs = ", ".join(f"{r['eval']} {r['test_acc']:.3f}" for r in rows)
-                log(f"seed {seed} | {label:<22} | trainable {pre.record['trainable_backbone']:>11,} | "
-                    f"pre-train {t1 - t0:5.1f} s | eval {t2 - t1:5.1f} s | {accs}")
-            del pre
+                log(out["log"])
+
+
+def _job(cfg, label, variant, seed, base, fabric, do_ft, seed_data, progress, ckpt) -> dict:
+    """One (variant, seed): extended pre-training (resumed from ``ckpt`` when it exists), then evaluation. A diverged
+    pre-training gives rows marked diverged for every evaluation."""
+    from vitadapt.train import Diverged, job
+    with job(variant=label, seed=seed):
+        data = seed_data()
+        t0 = time.perf_counter()
+        try:
+            pre = pretrain_variant(cfg, variant, seed, base, fabric, data["dec"], progress, label, ckpt=ckpt)
+        except Diverged as e:
+            evs = ["linear probe", "kNN"] + ([f"LoRA-r{cfg.ft_rank} fine-tune"] if do_ft else [])
+            rows = [diverged_row(seed, ev, e) for ev in evs]
+            return {"evals": [{"variant": label, **r, "chance": chance(data["splits"])} for r in rows],
+                    "run": {"variant": label, "seed": seed, "objective": cfg.objective, "diverged": e.short},
+                    "history": [], "log": f"seed {seed} | {label:<22} | {e}"}
+        t1 = time.perf_counter()
+        rows = evaluate_variant(cfg, pre.model, base[1], seed, data["splits"], fabric, do_ft, data["ft"])
+        t2 = time.perf_counter()
+    accs = ", ".join(f"{r['eval']} " + (f"{r['test_acc']:.3f}" if not r.get("diverged") else "DIVERGED") for r in rows)
+    return {"evals": [{"variant": label, **r, "chance": chance(data["splits"])} for r in rows],
+            "run": {**pre.record, "eval_wall_time_s": t2 - t1}, "history": pre.history,
+            "log": f"seed {seed} | {label:<22} | trainable {pre.record['trainable_backbone']:>11,} | "
+                   f"pre-train {t1 - t0:5.1f} s | eval {t2 - t1:5.1f} s | {accs}"}
 
 
 def run_comparison(cfg: ExploraConfig, run=None, progress: bool = False,
@@ -913,8 +947,7 @@ def _order(df: pd.DataFrame, col: str) -> list:
 def accuracy_table(evals: pd.DataFrame, by: str = "variant", digits: int = 3) -> pd.DataFrame:
     """Test accuracy ``mean ± std`` over seeds: rows ``by``, one column per evaluation; plus seeds and chance."""
     g = evals.groupby([by, "eval"], sort=False)["test_acc"]
-    m, s = g.mean(), g.std(ddof=1).fillna(0.0)
-    txt = pd.Series([f"{a:.{digits}f} ± {b:.{digits}f}" for a, b in zip(m, s)], index=m.index).unstack("eval")
+    txt = g.apply(lambda v: mean_std_text(v, digits)).unstack("eval")          # "diverged" where every seed did
     txt = txt.reindex(_order(evals, by))[_eval_order(evals["eval"])]
     txt["seeds"] = evals.groupby(by, sort=False)["seed"].nunique().reindex(txt.index)
     txt["chance"] = round(float(evals["chance"].iloc[0]), 3)
@@ -925,14 +958,10 @@ def delta_table(evals: pd.DataFrame, by: str = "variant", reference: str | None 
     """Per-seed difference of test accuracy to ``reference`` (default: the first row, the frozen model), then
     ``mean ± std`` over seeds: paired, so seed-to-seed variation of the probe data cancels."""
     ref = reference or _order(evals, by)[0]
-    wide = evals.pivot_table(index=[by, "seed"], columns="eval", values="test_acc")
+    wide = evals.pivot_table(index=[by, "seed"], columns="eval", values="test_acc", dropna=False)
     base = wide.xs(ref, level=0)
-    d = wide.sub(base, level=1)
-    m = d.groupby(level=0, sort=False).mean()
-    s = d.groupby(level=0, sort=False).std(ddof=1).fillna(0.0)
-    tiny = 0.5 * 10 ** -digits           # no "-0.000"
-    out = pd.DataFrame({c: [f"{(a if abs(a) >= tiny else 0.0):+.{digits}f} ± {b:.{digits}f}" for a, b in zip(m[c], s[c])]
-                        for c in m.columns}, index=m.index)
+    d = wide.sub(base, level=1)          # a diverged seed (NaN) on either side is lost from the pair
+    out = d.groupby(level=0, sort=False).agg(lambda v: mean_std_text(v, digits, signed=True))
     out = out.reindex([v for v in _order(evals, by) if v != ref])
     return out[_eval_order(out.columns)]
 
@@ -977,6 +1006,7 @@ def plot_accuracy(evals: pd.DataFrame, by: str = "variant", title: str = ""):
         sns.barplot(evals[evals["eval"] == ev], x=by, y="test_acc", order=order, errorbar="sd", capsize=0.1, ax=ax,
                     color="tab:blue")
         ax.axhline(float(evals["chance"].iloc[0]), ls="--", c="gray", lw=0.8)
+        mark_diverged(ax, evals[evals["eval"] == ev], by, "test_acc", order)
         ax.set_title(f"{ev}{(' · ' + title) if title else ''}", fontsize=9)
         ax.set_ylim(0, 1)
         ax.set_ylabel("test accuracy")

@@ -30,6 +30,7 @@ from vitadapt.data import DATASETS, DataMissingError, Splits
 from vitadapt.data.vtab import FGVC_TASKS, VTAB1K_TASKS, vtab_task
 from vitadapt.finetune import (HeadOnly, TailViT, embed_tokens, fresh_head, materialize, pooled_features,
                                run_blocks, select_then_test)
+from vitadapt.jobs import JobStore, mean_std_text
 from vitadapt.models import WEIGHTS, create_backbone
 from vitadapt.peft.baselines import BASELINES, build
 from vitadapt.peft.common import count_trainable
@@ -330,7 +331,25 @@ def _run_one(cfg, vit, ti, adapt, grid, fabric, validate_single: bool = True) ->
                             fabric=fabric, validate_single=validate_single, **_fit_common(cfg))
 
 
+def _run_or_diverge(cfg, vit, ti, adapt, grid, fabric, validate_single: bool = True, **what) -> dict:
+    """:func:`_run_one` in a named job; when every grid point diverged, a result whose seeds are all lost."""
+    from vitadapt.train import Diverged, job
+    try:
+        with job(task=ti.name, **what):
+            return _run_one(cfg, vit, ti, adapt, grid, fabric, validate_single)
+    except Diverged as e:
+        lost = {"test_acc": float("nan"), "wall_time_s": 0.0, "steps": e.step, "trainable": None, "diverged": e.short}
+        return {"diverged": e.short, "message": str(e), "selected": {}, "grid": getattr(e, "grid", []),
+                "val_acc": float("nan"), "trainable": None,
+                "test": [{"seed": s, **lost} for s in cfg.seeds], "wall_time_s": 0.0}
+
+
 def _rows(cfg, ti, label: dict, r: dict) -> list[dict]:
+    if r.get("diverged"):
+        return [{"task": ti.name, "group": ti.group, **label, "seed": t["seed"], "test_acc": float("nan"),
+                 "val_acc": float("nan"), "lr": float("nan"), "weight_decay": float("nan"), "trainable": None,
+                 "train_time_s": 0.0, "select_time_s": 0.0, "chance": 1.0 / ti.num_classes,
+                 "diverged": r["diverged"]} for t in r["test"]]
     sel = r["selected"]
     grid_time = sum(g["wall_time_s"] for g in r["grid"])
     out = []
@@ -341,7 +360,7 @@ def _rows(cfg, ti, label: dict, r: dict) -> list[dict]:
         out.append({"task": ti.name, "group": ti.group, **label, "seed": t["seed"], "test_acc": t["test_acc"],
                     "val_acc": val, "lr": point["lr"], "weight_decay": point["weight_decay"],
                     "trainable": t["trainable"], "train_time_s": t["wall_time_s"], "select_time_s": grid_time,
-                    "chance": 1.0 / ti.num_classes})
+                    "chance": 1.0 / ti.num_classes, **({"diverged": t["diverged"]} if t.get("diverged") else {})})
     return out
 
 
@@ -368,8 +387,10 @@ def plan(cfg: RLRRConfig, n_runs_per_task: int, shared_grid: bool = False) -> di
 # 30_rlrr
 
 def run_benchmark(cfg: RLRRConfig, run=None, vit=None, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every method on every task: one row per (task, method, seed); and the grid table (val accuracies)."""
+    """Every method on every task: one row per (task, method, seed); and the grid table (val accuracies). A
+    (task, method) finished by an interrupted earlier run of the same config is taken from ``run.jobs``."""
     fabric, vit = _fabric(cfg), vit if vit is not None else _load_recorded(cfg, run)
+    store = getattr(run, "jobs", None) or JobStore(None)
     rows, grid_rows = [], []
     for task in cfg.tasks:
         ti = prepare_task(cfg, task, vit, fabric)
@@ -377,30 +398,52 @@ def run_benchmark(cfg: RLRRConfig, run=None, vit=None, log=print) -> tuple[pd.Da
             run.use(f"data[{task}]", ti.record)
         log(f"{task} ({ti.group}): {ti.record['counts']}, {ti.num_classes} classes, prepared in {ti.prep_time_s:.1f} s")
         for method in cfg.methods:
-            r = _run_one(cfg, vit, ti, _adapter(cfg, method), cfg.grid(method), fabric)
+            r = store.run({"task": task, "method": method},
+                          lambda _ckpt, method=method: _run_or_diverge(cfg, vit, ti, _adapter(cfg, method),
+                                                                        cfg.grid(method), fabric, method=method))
             rows += _rows(cfg, ti, {"method": method}, r)
             grid_rows += _grid_rows(ti, {"method": method}, r, cfg.base_lr[method])
-            accs = [t["test_acc"] for t in r["test"]]
+            if r.get("diverged"):
+                log(f"  {r['message']}")
+                continue
             log(f"  {method:10s} lr {r['selected'][cfg.seeds[0]]['lr']:.0e}  val {r['val_acc']:.3f}  "
-                f"test {np.mean(accs):.3f} ± {np.std(accs, ddof=1) if len(accs) > 1 else 0:.3f}  "
+                f"test {mean_std_text([t['test_acc'] for t in r['test']])}  "
                 f"({r['trainable']:,} trainable, {r['wall_time_s']:.1f} s)")
     return pd.DataFrame(rows), pd.DataFrame(grid_rows)
 
 
+def _mean_or_lost(v) -> float:
+    """Mean over seeds; NaN (shown "diverged") when any seed's training diverged: a partial mean is no result."""
+    return float(np.mean(v)) if len(v) else float("nan")
+
+
+def _show_lost(table: pd.DataFrame, cols) -> pd.DataFrame:
+    """``table`` with the NaN of ``cols`` written "diverged" (only where a run diverged; else unchanged)."""
+    cols = [c for c in cols if c in table.columns and table[c].isna().any()]
+    if not cols:
+        return table
+    out = table.astype({c: object for c in cols})
+    for c in cols:
+        out[c] = out[c].where(table[c].notna(), "diverged")
+    return out
+
+
 def summary_tables(df: pd.DataFrame, groups: dict, key: str = "method") -> dict[str, pd.DataFrame]:
     """Accuracy (%) per task and per group (mean over seeds), mean over tasks (the paper's 'mean'), its std
-    over seeds and trainable parameters; and, apart (it varies from run to run), the training wall time."""
-    per_task = df.pivot_table(index=key, columns="task", values="test_acc", aggfunc="mean", sort=False) * 100
+    over seeds and trainable parameters; and, apart (it varies from run to run), the training wall time. A task
+    where a seed diverged reads "diverged", and so do the group and mean it enters."""
+    per_task = df.pivot_table(index=key, columns="task", values="test_acc", aggfunc=_mean_or_lost, sort=False,
+                              dropna=False) * 100
     order = [t for g in groups.values() for t in g if t in per_task.columns]
     per_task = per_task[order]
     out = pd.DataFrame(index=per_task.index)
     for g, names in groups.items():
         cols = [t for t in names if t in per_task.columns]
         if cols:
-            out[g] = per_task[cols].mean(1)
-    out["mean"] = per_task.mean(1)
-    seed_means = df.groupby([key, "seed"], sort=False)["test_acc"].mean().unstack() * 100
-    out["mean std (seeds)"] = seed_means.std(1, ddof=1).reindex(out.index).fillna(0.0)
+            out[g] = per_task[cols].mean(1, skipna=False)
+    out["mean"] = per_task.mean(1, skipna=False)
+    seed_means = df.groupby([key, "seed"], sort=False)["test_acc"].agg(_mean_or_lost).unstack() * 100
+    out["mean std (seeds)"] = seed_means.std(1, ddof=1).reindex(out.index).fillna(0.0).where(out["mean"].notna())
     out["trainable"] = df.groupby(key, sort=False)["trainable"].max().reindex(out.index)
     timing = pd.DataFrame(index=out.index)
     timing["train s / run"] = df.groupby(key, sort=False)["train_time_s"].mean().reindex(out.index)
@@ -409,7 +452,9 @@ def summary_tables(df: pd.DataFrame, groups: dict, key: str = "method") -> dict[
         timing["grid search s / task"] = first.groupby(key, sort=False)["select_time_s"].mean().reindex(out.index)
         timing["total s"] = (df.groupby(key, sort=False)["train_time_s"].sum()
                              + first.groupby(key, sort=False)["select_time_s"].sum()).reindex(out.index)
-    return {"per_task": per_task.round(1), "summary": out.round(1), "timing": timing.round(2)}
+    acc_cols = [*groups, "mean", "mean std (seeds)"]
+    return {"per_task": _show_lost(per_task.round(1), order), "summary": _show_lost(out.round(1), acc_cols),
+            "timing": timing.round(2)}
 
 
 def paper_beside_ours(summary: pd.DataFrame, ours_label: str) -> pd.DataFrame:
@@ -424,12 +469,19 @@ def paper_beside_ours(summary: pd.DataFrame, ours_label: str) -> pd.DataFrame:
     return both.reset_index().set_index(["source", "method"]).round(1)
 
 
+def _diff(s: pd.DataFrame, a: str, b: str) -> float | None:
+    if not {a, b} <= set(s.index):
+        return None
+    d = pd.to_numeric(pd.Series([s.loc[a, "mean"], s.loc[b, "mean"]]), errors="coerce")
+    return None if d.isna().any() else float(d[0] - d[1])        # None when either diverged
+
+
 def benchmark_metrics(df: pd.DataFrame, tables: dict) -> dict:
     s = tables["summary"]
     return {"summary": s.reset_index().to_dict(orient="records"),
             "timing": tables["timing"].reset_index().to_dict(orient="records"),
             "per_task": tables["per_task"].reset_index().to_dict(orient="records"),
-            "rlrr_minus_lora_mean": float(s.loc["rlrr", "mean"] - s.loc["lora", "mean"]) if {"rlrr", "lora"} <= set(s.index) else None,
+            "rlrr_minus_lora_mean": _diff(s, "rlrr", "lora"),
             "rows": df.to_dict(orient="records")}
 
 
@@ -474,6 +526,7 @@ def _key(kw: dict) -> tuple:
 def run_ablations(cfg: RLRRConfig, run=None, vit=None, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every RLRR variant on every task; identical variants (the official one) are trained once and shared."""
     fabric, vit = _fabric(cfg), vit if vit is not None else _load_recorded(cfg, run)
+    store = getattr(run, "jobs", None) or JobStore(None)
     variants = ablation_variants(cfg)
     unique: dict[tuple, dict] = {}
     for _, _, kw in variants:
@@ -486,38 +539,48 @@ def run_ablations(cfg: RLRRConfig, run=None, vit=None, log=print) -> tuple[pd.Da
         log(f"{task} ({ti.group}): {ti.record['counts']}, {ti.num_classes} classes, prepared in {ti.prep_time_s:.1f} s")
         shared = None
         if cfg.ablation_grid == "shared":   # choose (lr, wd) once on val for the official RLRR
-            r = _run_one(cfg, vit, ti, _adapter(cfg, "rlrr"), cfg.grid("rlrr"), fabric)
-            shared = [r["selected"][cfg.seeds[0]]]
-            results = {_key(OFFICIAL): r}
+            r = store.run({"task": task, "variant": "official (shared grid)"},
+                          lambda _ckpt: _run_or_diverge(cfg, vit, ti, _adapter(cfg, "rlrr"), cfg.grid("rlrr"), fabric,
+                                                        variant="official (shared grid)"))
             grid_rows += _grid_rows(ti, {"variant": "official (shared grid)"}, r, cfg.base_lr["rlrr"])
-            log(f"  grid (official RLRR, on val): lr {shared[0]['lr']:.0e}, wd {shared[0]['weight_decay']:g}")
+            if r.get("diverged"):                    # the shared choice is lost, so is every variant that uses it
+                results = {k: r for k in unique}
+                log(f"  grid (official RLRR, on val): {r['message']}")
+            else:
+                shared = [r["selected"][cfg.seeds[0]]]
+                results = {_key(OFFICIAL): r}
+                log(f"  grid (official RLRR, on val): lr {shared[0]['lr']:.0e}, wd {shared[0]['weight_decay']:g}")
         else:
             results = {}
         for k, kw in unique.items():
             if k not in results:
                 grid = shared or cfg.grid("rlrr")
                 adapt = (lambda m, kw=kw: build("rlrr", m, **kw))
-                results[k] = _run_one(cfg, vit, ti, adapt, grid, fabric, validate_single=shared is None)
+                results[k] = store.run({"task": task, "variant": str(kw), "grid": str(grid)},
+                                       lambda _ckpt, adapt=adapt, grid=grid, kw=kw: _run_or_diverge(
+                                           cfg, vit, ti, adapt, grid, fabric, validate_single=shared is None,
+                                           variant=str(kw)))
                 if shared is None:
                     grid_rows += _grid_rows(ti, {"variant": str(kw)}, results[k], cfg.base_lr["rlrr"])
         for group, label, kw in variants:
             r = results[_key(kw)]
             rows += _rows(cfg, ti, {"ablation": group, "variant": label, "official": _key(kw) == _key(OFFICIAL)}, r)
-            accs = [t["test_acc"] for t in r["test"]]
-            log(f"  {group:15s} {label:22s} test {np.mean(accs):.3f}  ({r['trainable']:,} trainable)")
+            trainable = f"({r['trainable']:,} trainable)" if r.get("trainable") is not None else ""
+            log(f"  {group:15s} {label:22s} test {mean_std_text([t['test_acc'] for t in r['test']])}  {trainable}")
     return pd.DataFrame(rows), pd.DataFrame(grid_rows)
 
 
 def ablation_table(df: pd.DataFrame, group: str) -> pd.DataFrame:
     """Accuracy (%) per variant of one ablation group: per task, mean over tasks, std over seeds, params."""
     d = df[df["ablation"] == group]
-    per_task = d.pivot_table(index="variant", columns="task", values="test_acc", aggfunc="mean", sort=False) * 100
+    per_task = d.pivot_table(index="variant", columns="task", values="test_acc", aggfunc=_mean_or_lost, sort=False,
+                             dropna=False) * 100
     out = per_task.copy()
-    out["mean"] = per_task.mean(1)
-    seed_means = d.groupby(["variant", "seed"], sort=False)["test_acc"].mean().unstack() * 100
-    out["std (seeds)"] = seed_means.std(1, ddof=1).reindex(out.index).fillna(0.0)
+    out["mean"] = per_task.mean(1, skipna=False)
+    seed_means = d.groupby(["variant", "seed"], sort=False)["test_acc"].agg(_mean_or_lost).unstack() * 100
+    out["std (seeds)"] = seed_means.std(1, ddof=1).reindex(out.index).fillna(0.0).where(out["mean"].notna())
     out["trainable"] = d.groupby("variant", sort=False)["trainable"].max().reindex(out.index)
-    return out.round(1)
+    return _show_lost(out.round(1), [*per_task.columns, "mean", "std (seeds)"])
 
 
 def sides_grid(df: pd.DataFrame) -> pd.DataFrame:
@@ -525,14 +588,20 @@ def sides_grid(df: pd.DataFrame) -> pd.DataFrame:
     t = ablation_table(df, "sides_residual")["mean"]
     out = pd.DataFrame(index=pd.Index(["no residual", "residual"], name="ours: mean over tasks"),
                        columns=["left", "right", "both"], dtype=float)
+    if any(isinstance(v, str) for v in t):              # "diverged"
+        out = out.astype(object)
     for label, v in t.items():
         sides, res = label.split(", ")
         out.loc[res, sides] = v
-    return out.round(1)
+    return out if out.dtypes.eq(object).any() else out.round(1)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Rows for the results notebook (90) and the interactive panel
+
+def _int_or_none(v) -> int | None:
+    return None if pd.isna(v) else int(v)          # None: every run diverged before it was counted
+
 
 def result_rows(df: pd.DataFrame, groups: dict, notebook: str = "30") -> list[dict]:
     """Rows of the shared results schema (:func:`vitadapt.results.result_row`): per method (30) or variant (31),
@@ -542,7 +611,7 @@ def result_rows(df: pd.DataFrame, groups: dict, notebook: str = "30") -> list[di
     rows = []
     if notebook == "30":
         for method, d in df.groupby("method", sort=False):
-            extra = {"trainable": int(d["trainable"].max()), "wall_time_s": float(d["train_time_s"].mean())}
+            extra = {"trainable": _int_or_none(d["trainable"].max()), "wall_time_s": float(d["train_time_s"].mean())}
             rows.append(result_row("RLRR: VTAB-1k group mean", method, d.groupby("seed")["test_acc"].mean(), **extra))
             for g, names in groups.items():
                 dg = d[d["task"].isin(names)]
@@ -551,7 +620,7 @@ def result_rows(df: pd.DataFrame, groups: dict, notebook: str = "30") -> list[di
     else:
         for (group, variant), d in df.groupby(["ablation", "variant"], sort=False):
             rows.append(result_row(f"RLRR ablations: {group}", variant, d.groupby("seed")["test_acc"].mean(),
-                                   trainable=int(d["trainable"].max()), wall_time_s=float(d["train_time_s"].mean())))
+                                   trainable=_int_or_none(d["trainable"].max()), wall_time_s=float(d["train_time_s"].mean())))
     return rows
 
 

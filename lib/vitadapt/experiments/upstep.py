@@ -38,6 +38,7 @@ from vitadapt.config import ExperimentConfig, _dataset_names, opt
 from vitadapt.data import DATASETS, DataMissingError, Splits, get_dataset, subsample
 from vitadapt.eval import FeatureCache, eval_transform, knn_eval, linear_probe, model_fingerprint
 from vitadapt.experiments.common import chance, load_backbone, summarize
+from vitadapt.jobs import JobStore, checkpoint_every_s, mean_std_text
 from vitadapt.peft import count_trainable
 from vitadapt.ssl.upstep import (ENSEMBLE_MODES, UpStepAugment, UpStepGate, UpStepObjective, ensemble_features,
                                  upstep_loss_fn)
@@ -314,7 +315,7 @@ class Adapted:
 
 
 def adapt(cfg, base_model: torch.nn.Module, images: tuple[Dataset, list[int]], seed: int, domain: str = "",
-          fabric=None, progress: bool = False) -> Adapted:
+          fabric=None, progress: bool = False, ckpt=None) -> Adapted:
     """Adapt a copy of ``base_model`` with UpStep on the unlabelled ``images`` (dataset, indices) for ``cfg.steps``
     iterations. ``base_model`` itself is left untouched."""
     from vitadapt.train import fabric_from_config, fit, seed_everything
@@ -338,7 +339,9 @@ def adapt(cfg, base_model: torch.nn.Module, images: tuple[Dataset, list[int]], s
                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(seed))
     fabric = fabric or fabric_from_config(cfg)
     result = fit(fabric, objective, upstep_loss_fn(objective), loader, steps=cfg.steps, lr=cfg.lr,
-                 weight_decay=cfg.weight_decay, warmup=cfg.warmup_steps, should_backward=gate, progress=progress)
+                 weight_decay=cfg.weight_decay, warmup=cfg.warmup_steps, should_backward=gate, progress=progress,
+                 ckpt_path=ckpt, ckpt_every_s=checkpoint_every_s() if ckpt else None,
+                 config={"domain": domain, "seed": seed})
     objective.eval()
     return Adapted(objective, result, gate, len(views), count_trainable(objective), count_trainable(objective.model))
 
@@ -406,8 +409,20 @@ def _rows(domain: str, seed: int, variant: str, target: dict, ood: dict, ood_nam
     return rows
 
 
+def _diverged_rows(cfg, base, splits, ood, ood_name, domain, seed, variant, err) -> list[dict]:
+    """Rows of a diverged UpStep run: the base model's scores, and NaN with a ``diverged`` note for the adapted
+    features and every ensemble."""
+    target, forgetting = evaluate_features(cfg, base, None, splits, seed), evaluate_features(cfg, base, None, ood, seed)
+    lost = {ev: {"test_acc": float("nan"), "val_acc": float("nan"), "selected": ""} for ev in target["base"]}
+    for kind in ("upstep", *(f"ensemble-{m}" for m in cfg.ensemble_modes)):
+        target[kind] = forgetting[kind] = lost
+    rows = _rows(domain, seed, variant, target, forgetting, ood_name, chance(splits))
+    return [{**r, "diverged": err.short} if r["features"] != "base" else r for r in rows]
+
+
 def run_domain_seed(cfg, base_model, info: dict, domain: str, seed: int, variant: str = "UpStep",
-                    fabric=None, include_base: bool = True, progress: bool = False) -> tuple[list[dict], dict, list[dict]]:
+                    fabric=None, include_base: bool = True, progress: bool = False,
+                    ckpt=None) -> tuple[list[dict], dict, list[dict]]:
     """Base eval, UpStep adaptation on the unlabelled training images, adapted + ensemble eval, forgetting.
     Returns (evaluation rows, run record, per-step history rows)."""
     device = fabric.device if fabric is not None else "cpu"
@@ -416,7 +431,16 @@ def run_domain_seed(cfg, base_model, info: dict, domain: str, seed: int, variant
     ood = forgetting_splits(cfg, domain, seed)
     base = _Features(cfg, base_model, info, device)
     t0 = time.perf_counter()
-    ad = adapt(cfg, base_model, adaptation_pool(cfg, domain, seed, splits.train), seed, domain, fabric, progress)
+    from vitadapt.train import Diverged, job
+    try:
+        with job(domain=domain, variant=variant, seed=seed):
+            ad = adapt(cfg, base_model, adaptation_pool(cfg, domain, seed, splits.train), seed, domain, fabric,
+                       progress, ckpt=ckpt)
+    except Diverged as e:          # the base rows stand; every adapted row is marked diverged
+        rows = _diverged_rows(cfg, base, splits, ood, ood_name, domain, seed, variant, e)
+        if not include_base:
+            rows = [r for r in rows if r["features"] != "base"]
+        return rows, {"domain": domain, "seed": seed, "variant": variant, "diverged": str(e)}, []
     adapted = _Features(cfg, ad.model, info, device)
     target = evaluate_features(cfg, base, adapted, splits, seed)
     forgetting = evaluate_features(cfg, base, adapted, ood, seed)
@@ -461,13 +485,18 @@ def run_upstep(cfg: UpStepConfig, run=None, progress: bool = False, log: Callabl
     _record_sources(run, cfg, info, cfg.domains)
     fabric = fabric_from_config(cfg)
     rows, records, history = [], [], []
+    store = getattr(run, "jobs", None) or JobStore(None)
     for domain in cfg.domains:
         for seed in cfg.seeds:
-            r, rec, hist = run_domain_seed(cfg, base_model, info, domain, seed, fabric=fabric, progress=progress)
+            r, rec, hist = store.run({"domain": domain, "seed": seed}, lambda ckpt, domain=domain, seed=seed:
+                                     run_domain_seed(cfg, base_model, info, domain, seed, fabric=fabric,
+                                                     progress=progress, ckpt=ckpt))
             rows += r
             records.append(rec)
             history += hist
-            if log:
+            if log and rec.get("diverged"):
+                log(rec["diverged"])
+            elif log:
                 log(f"{domain} seed {seed}: {rec['steps']} steps, {rec['backward_passes']} backward, "
                     f"{rec['wall_time_s']:.1f} s training, {rec['eval_wall_time_s']:.1f} s evaluation")
     return UpStepResults(pd.DataFrame(rows), pd.DataFrame(records), pd.DataFrame(history))
@@ -497,15 +526,19 @@ def run_ablations(cfg: UpStepConfig, run=None, progress: bool = False,
     _record_sources(run, cfg, info, [domain])
     fabric = fabric_from_config(cfg)
     rows, records, history = [], [], []
+    store = getattr(run, "jobs", None) or JobStore(None)
     for name, over in ablation_variants(cfg):
         vcfg = dataclasses.replace(cfg, **over)
         for seed in cfg.seeds:
-            r, rec, hist = run_domain_seed(vcfg, base_model, info, domain, seed, variant=name, fabric=fabric,
-                                           include_base=False, progress=progress)
+            r, rec, hist = store.run({"variant": name, "seed": seed}, lambda ckpt, vcfg=vcfg, name=name, seed=seed:
+                                     run_domain_seed(vcfg, base_model, info, domain, seed, variant=name, fabric=fabric,
+                                                     include_base=False, progress=progress, ckpt=ckpt))
             rows += r
             records.append(rec)
             history += hist
-            if log:
+            if log and rec.get("diverged"):
+                log(rec["diverged"])
+            elif log:
                 log(f"{name} seed {seed}: {rec['backward_passes']}/{rec['steps']} backward, "
                     f"{rec['wall_time_s']:.1f} s training")
     # the base rows (the same for every variant): once per seed
@@ -549,10 +582,8 @@ def choices_table(cfg: UpStepConfig | None = None) -> pd.DataFrame:
 
 def _mean_std(df: pd.DataFrame, index: list[str], columns: list[str] | str, value: str, digits: int = 3) -> pd.DataFrame:
     g = df.groupby(index + ([columns] if isinstance(columns, str) else columns), sort=False)[value]
-    m, s = g.mean(), g.std(ddof=1).fillna(0.0)
-    txt = pd.Series([f"{a:+.{digits}f} ± {b:.{digits}f}" if value.endswith("delta") or value == "delta_vs_base"
-                     else f"{a:.{digits}f} ± {b:.{digits}f}" for a, b in zip(m, s)], index=m.index)
-    return txt.unstack(columns)
+    signed = value.endswith("delta") or value == "delta_vs_base"
+    return g.apply(lambda v: mean_std_text(v, digits, signed=signed)).unstack(columns)     # "diverged" if all NaN
 
 
 def accuracy_table(evals: pd.DataFrame, by: str = "domain") -> pd.DataFrame:
@@ -626,6 +657,10 @@ def plot_accuracy(evals: pd.DataFrame, by: str = "domain", title: str = "", valu
     for ax, ev in zip(axes[0], evs):
         sns.barplot(evals[evals["eval"] == ev], x=by, y=value, hue="features", hue_order=order,
                     errorbar="sd", capsize=0.05, ax=ax)
+        lost = evals[(evals["eval"] == ev) & evals[value].isna() & (evals["features"] != "base")]
+        if len(lost):          # no bar is drawn for a diverged run: say so where it would be
+            ax.text(0.5, 0.5, "diverged: " + ", ".join(sorted({f"{r[by]} seed {r['seed']}" for _, r in lost.iterrows()})),
+                    transform=ax.transAxes, ha="center", va="center", color="tab:red", fontsize=8, wrap=True)
         ax.set_title(f"{ev}{(' · ' + title) if title else ''}", fontsize=9)
         if value == "test_acc":
             ax.set_ylim(0, 1)
@@ -675,9 +710,9 @@ def summary(res: UpStepResults, by: str = "domain") -> dict:
             out["ood_delta"][f"{k}/{f}/{ev}"] = summarize(g["ood_delta"])
     if len(res.runs):
         for k, g in res.runs.groupby(by, sort=False):
-            out["cost"][str(k)] = {c: float(g[c].mean()) for c in ("steps", "backward_passes", "skipped", "skip_fraction",
-                                                                  "wall_time_s", "s_per_step", "peak_memory_mb",
-                                                                  "trainable_params", "trainable_backbone")}
+            out["cost"][str(k)] = {c: (float(g[c].mean()) if c in g and g[c].notna().any() else None)
+                                   for c in ("steps", "backward_passes", "skipped", "skip_fraction", "wall_time_s",
+                                             "s_per_step", "peak_memory_mb", "trainable_params", "trainable_backbone")}
     return out
 
 
@@ -688,10 +723,11 @@ def result_rows(res: UpStepResults, by: str = "domain", notebook: str = "20") ->
     from vitadapt.results import result_row
     label = "UpStep" if notebook == "20" else "UpStep ablations"
     rows = []
-    cost = res.runs.groupby(by, sort=False)[["trainable_params", "wall_time_s"]].mean() if len(res.runs) else None
+    cost = res.runs.groupby(by, sort=False)[["trainable_params", "wall_time_s"]].mean() \
+        if len(res.runs) and "trainable_params" in res.runs else None
     for (k, f, ev), g in res.evals.groupby([by, "features", "eval"], sort=False):
         extra = {"trainable": 0, "wall_time_s": 0.0}
-        if f != "base" and cost is not None and k in cost.index:
+        if f != "base" and cost is not None and k in cost.index and cost.loc[k].notna().all():
             extra = {"trainable": int(cost.loc[k, "trainable_params"]), "wall_time_s": float(cost.loc[k, "wall_time_s"])}
         method = f"{f} / {ev}" if k == "base" else f"{k} / {f} / {ev}"
         rows.append(result_row(f"{label}: target top-1", method, g["test_acc"], **extra))
