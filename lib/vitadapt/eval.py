@@ -125,11 +125,14 @@ class FeatureCache:
         self.key = key
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
         self.path = Path(root or CACHE / "features") / f"{digest}.pt"
-        self.store: dict[str, torch.Tensor] = {}
-        if self.path.exists():
-            blob = torch.load(self.path, map_location="cpu", weights_only=False)
-            if blob.get("key") == json.loads(json.dumps(key, default=str)):
-                self.store = blob["features"]
+        self.store: dict[str, torch.Tensor] = self._read()
+
+    def _read(self) -> dict[str, torch.Tensor]:
+        """The features on disk for this key ({} when absent, unreadable or another key's)."""
+        from vitadapt.data.cachefile import torch_load_or_none
+        blob = torch_load_or_none(self.path, "feature cache", weights_only=False)
+        ok = isinstance(blob, dict) and blob.get("key") == json.loads(json.dumps(self.key, default=str))
+        return blob["features"] if ok else {}
 
     def features(self, model: nn.Module, dataset: Dataset, img_size: int, batch_size: int = 64,
                  feature: str = "cls+avg", num_workers: int = 0, device="cpu", progress: bool = False):
@@ -147,10 +150,11 @@ class FeatureCache:
         return X, y
 
     def _save(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({"key": json.loads(json.dumps(self.key, default=str)), "features": self.store}, tmp)
-        tmp.replace(self.path)
+        """Keep what other processes saved meanwhile, then write through a per-process temporary file."""
+        from vitadapt.data.cachefile import torch_save_atomic
+        self.store = {**self._read(), **self.store}
+        torch_save_atomic({"key": json.loads(json.dumps(self.key, default=str)), "features": self.store}, self.path,
+                          "feature cache")
 
 
 def fit_logistic(X: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, max_iter: int = 300,

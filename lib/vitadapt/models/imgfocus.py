@@ -106,11 +106,9 @@ def cached_state_dict(cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
     src = onnx_path()
     st = src.stat()
     cache = Path(cache_dir or CACHE / "weights") / f"dinov2_vits14_imgfocus-{st.st_size}-{int(st.st_mtime)}.pt"
-    if cache.exists():
-        return torch.load(cache, map_location="cpu", weights_only=True)
-    sd = convert(src)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save(sd, tmp)
-    tmp.replace(cache)
+    from vitadapt.data.cachefile import torch_load_or_none, torch_save_atomic
+    sd = torch_load_or_none(cache, "weight-conversion cache", weights_only=True)
+    if sd is None:
+        sd = convert(src)
+        torch_save_atomic(sd, cache, "weight-conversion cache")   # unique temp file, os.replace; disk full: says so
     return sd
