@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import csv
+import os
+import secrets
+import warnings
 from pathlib import Path
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from vitadapt.data import DATASETS, DataMissingError, FileList, Splits, Subset, find_root, register, stratified_split
+from vitadapt.data import (DATASETS, LAYOUTS, SKIP_BAD_ENV, BadImageError, DataMissingError, FileList, Layout, Splits,
+                           Subset, explicit_root, find_root, register, scan_command, skip_bad_images, skipped_info,
+                           stratified_split)
 from vitadapt.data.synthetic import SyntheticShapes
-from vitadapt.paths import MANIFESTS, REPO_ROOT, resolve
+from vitadapt.paths import MANIFESTS, REPO_ROOT
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 
@@ -64,18 +69,26 @@ def write_split_manifest(root: Path, out: Path, seed: int = 0, val: float = 0.1,
         raise DataMissingError(f"no images found under {root}")
     parts = stratified_split(labels, {"train": 1 - val - test, "val": val, "test": test}, seed)
     split_of = {i: k for k, idx in parts.items() for i in idx}
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label", "class", "split"])
-        for i, (p, y) in enumerate(zip(paths, labels)):
-            w.writerow([p, y, classes[y], split_of[i]])
-    tmp.replace(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")   # unique per process
+    try:
+        with tmp.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "label", "class", "split"])
+            for i, (p, y) in enumerate(zip(paths, labels)):
+                w.writerow([p, y, classes[y], split_of[i]])
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return {k: len(v) for k, v in parts.items()}
 
 
+def _csv_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def read_split_manifest(path: Path) -> tuple[list[str], dict[str, tuple[list[str], list[int]]]]:
-    rows = list(csv.DictReader(path.open()))
+    rows = _csv_rows(path)
     classes: dict[int, str] = {}
     splits: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "val": ([], []), "test": ([], [])}
     for r in rows:
@@ -86,7 +99,7 @@ def read_split_manifest(path: Path) -> tuple[list[str], dict[str, tuple[list[str
     return [classes[i] for i in range(len(classes))], splits
 
 
-def folder_with_manifest(name: str, root: Path, manifest: Path, source: str) -> Splits:
+def folder_with_manifest(name: str, root: Path, manifest: Path, source: str, skip_bad: bool | None = None) -> Splits:
     if not manifest.exists():
         raise DataMissingError(f"split manifest {manifest} is missing; create it with "
                                f"`python -m vitadapt.data.manifest split {name}`")
@@ -95,35 +108,73 @@ def folder_with_manifest(name: str, root: Path, manifest: Path, source: str) -> 
     if missing:
         raise DataMissingError(f"dataset {name!r} at {root} lacks files listed in {manifest.name}, e.g. {missing}; "
                                f"point data_root at the complete dataset (run `make verify-data` to check it)")
-    ds = {k: FileList([root / p for p in v[0]], v[1]) for k, v in splits.items()}
+    ds = {k: FileList([root / p for p in v[0]], v[1], skip_bad) for k, v in splits.items()}
     return Splits(name, ds["train"], ds["val"], ds["test"], classes, source,
-                  {"root": str(root), "manifest": str(manifest.name)})
+                  {"root": str(root), "manifest": str(manifest.name), **skipped_info(*ds.values())})
+
+
+LAYOUTS["aid"] = Layout("the 30 AID class folders of JPEGs (Airport/, BareLand/, ..., Viaduct/)",
+                        lambda p: (p / "Airport").is_dir() and (p / "Viaduct").is_dir())
 
 
 @register("aid")
-def aid(root: str = "", **_) -> Splits:
+def aid(root: str = "", skip_bad_images: bool | None = None, **_) -> Splits:
     """AID aerial scenes (30 classes, 10,000 images, 150 px), read in place; split from data_manifests/aid_split.csv."""
-    r = find_root("aid", root, marker="Airport")
+    r = find_root("aid", root)
     return folder_with_manifest("aid", r, MANIFESTS / "aid_split.csv",
-                                f"AID aerial scenes (Xia et al. 2017), 150 px copy at {r}; research use only")
+                                f"AID aerial scenes (Xia et al. 2017), 150 px copy at {r}; research use only",
+                                skip_bad_images)
 
 
 # ---- torchgeo classification datasets (EuroSAT, RESISC45, UCMerced) -----------------------------
 
 class TorchgeoRGB(Dataset):
-    """A torchgeo classification dataset as (PIL RGB, label); ``scale`` maps raw values to [0, 1]."""
+    """A torchgeo classification dataset as (PIL RGB, label); ``scale`` maps raw values to [0, 1].
 
-    def __init__(self, ds, rgb_index: tuple[int, int, int] | None, scale: float):
+    An unreadable file raises :class:`BadImageError` naming it; with ``skip_bad`` (default:
+    $VITADAPT_SKIP_BAD_IMAGES) every item is read once up front and the unreadable ones are left out."""
+
+    _READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+
+    def __init__(self, ds, rgb_index: tuple[int, int, int] | None, scale: float, skip_bad: bool | None = None):
         self.ds, self.rgb_index, self.scale = ds, rgb_index, scale
-        self.targets = list(ds.targets)
+        self.index = list(range(len(ds)))
+        self.skipped: list[str] = []
+        if skip_bad_images(skip_bad):
+            bad = set()
+            for j in self.index:
+                try:
+                    ds[j]
+                except self._READ_ERRORS:
+                    bad.add(j)
+            if bad:
+                self.skipped = [self._path(j) for j in sorted(bad)]
+                self.index = [j for j in self.index if j not in bad]
+                warnings.warn(f"skipped {len(bad)} unreadable image(s) of {len(ds)} (skip_bad_images / ${SKIP_BAD_ENV}), e.g. "
+                              f"{', '.join(self.skipped[:3])}; list them all with `{scan_command(ds.root)}`",
+                              stacklevel=2)
+        all_targets = list(ds.targets)
+        self.targets = [all_targets[j] for j in self.index]
         self.classes = list(ds.classes)
+        if hasattr(ds, "samples"):       # the file of each item: the feature cache keys items by it
+            self.paths = [ds.samples[j][0] for j in self.index]
+
+    def _path(self, j: int) -> str:
+        samples = getattr(self.ds, "samples", None)
+        return str(samples[j][0]) if samples is not None else f"item {j} under {getattr(self.ds, 'root', '?')}"
 
     def __len__(self):
-        return len(self.ds)
+        return len(self.index)
 
     def __getitem__(self, i):
         from PIL import Image
-        s = self.ds[i]
+        j = self.index[i]
+        try:
+            s = self.ds[j]
+        except self._READ_ERRORS as e:
+            raise BadImageError(f"cannot read image {self._path(j)}: {type(e).__name__}: {e}. List every unreadable "
+                                f"file with `{scan_command(getattr(self.ds, 'root', '<folder>'))}`; set "
+                                f"{SKIP_BAD_ENV}=1 to leave them out (with a warning)") from e
         img = s["image"]
         if self.rgb_index is not None:
             img = img[list(self.rgb_index)]
@@ -139,7 +190,8 @@ _TORCHGEO = {
 }
 
 
-def _torchgeo(name: str, root: str = "", download: bool = True, checksum: bool = False, **_) -> Splits:
+def _torchgeo(name: str, root: str = "", download: bool = True, checksum: bool = False,
+              skip_bad_images: bool | None = None, **_) -> Splits:
     import torchgeo.datasets as tgd
     cls_name, kw, rgb_index, scale, licence = _TORCHGEO[name]
     try:
@@ -147,18 +199,20 @@ def _torchgeo(name: str, root: str = "", download: bool = True, checksum: bool =
     except DataMissingError:
         if not download:
             raise
-        r = resolve(root) if root else REPO_ROOT / "data" / name
+        given = explicit_root(name, root)     # download into the explicitly given folder, else data/<name>
+        r = given[0] if given else REPO_ROOT / "data" / name
         r.mkdir(parents=True, exist_ok=True)
     cls = getattr(tgd, cls_name)
     try:
-        parts = {s: TorchgeoRGB(cls(root=str(r), split=s, download=download, checksum=checksum, **kw), rgb_index, scale)
-                 for s in ("train", "val", "test")}
+        raw = {s: cls(root=str(r), split=s, download=download, checksum=checksum, **kw) for s in ("train", "val", "test")}
     except Exception as e:  # torchgeo raises DatasetNotFoundError offline, or a download error
         raise DataMissingError(f"dataset {name!r} is not at {r} and could not be downloaded ({type(e).__name__}: "
                                f"{str(e)[:200]}). Run online once with download=True, or set data_root to a copy "
                                f"in torchgeo's layout.") from e
+    parts = {s: TorchgeoRGB(d, rgb_index, scale, skip_bad_images) for s, d in raw.items()}
     return Splits(name, parts["train"], parts["val"], parts["test"], parts["train"].classes,
-                  f"{cls_name} via torchgeo at {r} ({licence})", {"root": str(r), "licence": licence})
+                  f"{cls_name} via torchgeo at {r} ({licence})",
+                  {"root": str(r), "licence": licence, **skipped_info(*parts.values())})
 
 
 for _name in _TORCHGEO:
@@ -243,8 +297,14 @@ FMOW_CLASSES = (
     "toll_booth", "tower", "tunnel_opening", "waste_disposal", "water_treatment_facility", "wind_farm", "zoo")
 
 
+FMOW_LAYOUTS = ("fmow_v1.1/rgb_metadata.csv (WILDS: `pip install wilds` then wilds.get_dataset('fmow', "
+                "download=True, root_dir=...)) or train_62classes.csv / val_62classes.csv (SatMAE layout)")
+LAYOUTS["fmow"] = Layout(FMOW_LAYOUTS, lambda p: (p / "fmow_v1.1" / "rgb_metadata.csv").exists()
+                         or (p / "train_62classes.csv").exists())
+
+
 @register("fmow")
-def fmow(root: str = "", **_) -> Splits:
+def fmow(root: str = "", skip_bad_images: bool | None = None, **_) -> Splits:
     """fMoW-RGB (62 classes). Two on-disk layouts are read:
 
     * WILDS: ``<root>/fmow_v1.1/rgb_metadata.csv`` (columns split, category, ...) and
@@ -255,7 +315,7 @@ def fmow(root: str = "", **_) -> Splits:
     r = find_root("fmow", root)
     wilds = r / "fmow_v1.1" / "rgb_metadata.csv"
     if wilds.exists():
-        rows = list(csv.DictReader(wilds.open()))
+        rows = _csv_rows(wilds)
         parts = {"train": ([], []), "val": ([], []), "test": ([], [])}
         for i, row in enumerate(rows):
             split = {"id_val": "val", "id_test": "test"}.get(row["split"], row["split"])
@@ -265,7 +325,7 @@ def fmow(root: str = "", **_) -> Splits:
         layout = "WILDS"
     elif (r / "train_62classes.csv").exists():
         def read(name):
-            rows = list(csv.DictReader((r / name).open()))
+            rows = _csv_rows(r / name)
             paths = [Path(x["image_path"]) if Path(x["image_path"]).is_absolute() else r / x["image_path"] for x in rows]
             return paths, [FMOW_CLASSES.index(x["category"]) for x in rows]
         tr_p, tr_y = read("train_62classes.csv")
@@ -275,9 +335,7 @@ def fmow(root: str = "", **_) -> Splits:
                  "val": ([tr_p[i] for i in cut["val"]], [tr_y[i] for i in cut["val"]]), "test": (te_p, te_y)}
         layout = "SatMAE"
     else:
-        raise DataMissingError(f"no fMoW metadata under {r}: expected fmow_v1.1/rgb_metadata.csv (WILDS: "
-                               f"`pip install wilds` then wilds.get_dataset('fmow', download=True, root_dir=...)) "
-                               f"or train_62classes.csv / val_62classes.csv (SatMAE layout)")
-    ds = {k: FileList(*v) for k, v in parts.items()}
+        raise DataMissingError(f"no fMoW metadata under {r}: expected {FMOW_LAYOUTS}")
+    ds = {k: FileList(*v, skip_bad=skip_bad_images) for k, v in parts.items()}
     return Splits("fmow", ds["train"], ds["val"], ds["test"], list(FMOW_CLASSES),
-                  f"fMoW-RGB ({layout} layout) at {r}", {"root": str(r), "layout": layout})
+                  f"fMoW-RGB ({layout} layout) at {r}", {"root": str(r), "layout": layout, **skipped_info(*ds.values())})

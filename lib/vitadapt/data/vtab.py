@@ -49,9 +49,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
-from vitadapt.data import (DataMissingError, FileList, Splits, Subset, find_root, get_dataset, register,
-                           stratified_split)
-from vitadapt.paths import REPO_ROOT, resolve
+from vitadapt.data import (LAYOUTS, DataMissingError, FileList, Layout, Splits, Subset, find_root, get_dataset,
+                           register, skipped_info, stratified_split)
+from vitadapt.paths import REPO_ROOT
 
 __all__ = ["read_idx", "write_idx", "Procedural", "ArrayImages", "VTAB_GROUPS", "VTAB1K_TASKS", "VTAB1K_GROUPS",
            "FGVC_TASKS", "vtab_task", "task_group", "stratified_sample", "read_vtab1k_list"]
@@ -113,8 +113,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     big-endian int32 dimensions, then the data in C order."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (EOFError, OSError) as e:    # a truncated .gz says "Compressed file ended ..." without the path
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); restore the file "
+                         f"(`{FASHION_APT}` for Fashion-MNIST)") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"{path} is not an IDX file (magic {data[:4].hex()})")
     code, ndim = data[2], data[3]
@@ -165,25 +169,15 @@ FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")   # where the Deb
 _ARRAYS: dict[str, tuple] = {}
 
 
+LAYOUTS["fashion_mnist"] = Layout(
+    f"the IDX files {', '.join(FASHION_FILES)}", lambda p: all((p / f).exists() for f in FASHION_FILES),
+    f"Run `make setup` (which runs `{FASHION_APT}` as root: Debian/Ubuntu's package of the Zalando files, MIT licence).")
+
+
 def _fashion_root(root: str = "") -> Path:
-    if root:
-        p = resolve(root)
-        if not all((p / f).exists() for f in FASHION_FILES):
-            raise DataMissingError(f"data_root={root!r} for fashion_mnist lacks the IDX files {', '.join(FASHION_FILES)}")
-        return p
-    candidates = []
-    env = os.environ.get("VITADAPT_FASHION_MNIST_ROOT")
-    if env:
-        candidates.append(Path(env))
-    candidates += [REPO_ROOT / "data" / "fashion_mnist", REPO_ROOT.parent / "shared" / "data" / "fashion_mnist",
-                   FASHION_SYSTEM_DIR]
-    for p in candidates:
-        if all((p / f).exists() for f in FASHION_FILES):
-            return p
-    raise DataMissingError(
-        f"Fashion-MNIST not found (looked in {', '.join(map(str, candidates))}). Run `make setup` (which runs "
-        f"`{FASHION_APT}` as root: Debian/Ubuntu's package of the Zalando files, MIT licence), or set "
-        f"data_root / VITADAPT_FASHION_MNIST_ROOT to a folder with {', '.join(FASHION_FILES)}.")
+    """data_root, else $VITADAPT_FASHION_MNIST_ROOT (used or an error), else data/, ../shared/data/, the Debian folder."""
+    return find_root("fashion_mnist", root, [REPO_ROOT / "data" / "fashion_mnist",
+                                             REPO_ROOT.parent / "shared" / "data" / "fashion_mnist", FASHION_SYSTEM_DIR])
 
 
 @register("fashion_mnist")
@@ -375,7 +369,7 @@ def read_vtab1k_list(path: Path) -> tuple[list[str], list[int]]:
 
 
 @register("vtab1k")
-def vtab1k(root: str = "", task: str = "", **_) -> Splits:
+def vtab1k(root: str = "", task: str = "", skip_bad_images: bool | None = None, **_) -> Splits:
     """One VTAB-1k task from ``<root>/<task>/`` (lists train800.txt, val200.txt, test.txt; train800val200.txt
     is checked to be their union)."""
     base = find_root("vtab1k", root)
@@ -394,13 +388,14 @@ def vtab1k(root: str = "", task: str = "", **_) -> Splits:
         if sorted(zip(*tv)) != sorted(zip(parts["train"][0] + parts["val"][0], parts["train"][1] + parts["val"][1])):
             raise ValueError(f"{both} is not the union of train800.txt and val200.txt")
     n_cls = VTAB1K_TASKS.get(task) or 1 + max(max(v[1]) for v in parts.values())
-    ds = {k: FileList([d / p for p in v[0]], v[1]) for k, v in parts.items()}
+    ds = {k: FileList([d / p for p in v[0]], v[1], skip_bad_images) for k, v in parts.items()}
     return Splits(f"vtab1k:{task}", ds["train"], ds["val"], ds["test"], [str(i) for i in range(n_cls)],
-                  f"VTAB-1k {task} (standard 800/200 lists) at {d}", {"root": str(d), "fixed_split": 1})
+                  f"VTAB-1k {task} (standard 800/200 lists) at {d}",
+                  {"root": str(d), "fixed_split": 1, **skipped_info(*ds.values())})
 
 
 @register("fgvc")
-def fgvc(root: str = "", task: str = "", **_) -> Splits:
+def fgvc(root: str = "", task: str = "", skip_bad_images: bool | None = None, **_) -> Splits:
     """One FGVC set in the VPT layout: ``<root>/<folder>/{train,val,test}.json`` ({image path: class id}),
     images under ``<folder>/<image sub-folder>``; class ids are renumbered 0..C-1 in sorted order."""
     base = find_root("fgvc", root)
@@ -416,9 +411,11 @@ def fgvc(root: str = "", task: str = "", **_) -> Splits:
         parts[split] = json.loads(p.read_text())
     ids = sorted({v for part in parts.values() for v in part.values()})
     cont = {v: i for i, v in enumerate(ids)}
-    ds = {k: FileList([d / sub / p for p in v], [cont[c] for c in v.values()]) for k, v in parts.items()}
+    ds = {k: FileList([d / sub / p for p in v], [cont[c] for c in v.values()], skip_bad_images)
+          for k, v in parts.items()}
     return Splits(f"fgvc:{task}", ds["train"], ds["val"], ds["test"], [str(i) for i in ids],
-                  f"FGVC {task} (VPT json splits) at {d}", {"root": str(d), "fixed_split": 1})
+                  f"FGVC {task} (VPT json splits) at {d}",
+                  {"root": str(d), "fixed_split": 1, **skipped_info(*ds.values())})
 
 
 # ---------------------------------------------------------------------------------------------------------
