@@ -171,3 +171,55 @@ def test_an_interrupted_grid_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_
     pd.testing.assert_frame_equal(again.history.reset_index(drop=True), whole.history.reset_index(drop=True))
     run2.finish({})
     assert not run2.jobs.root.exists()
+
+
+def test_a_checkpoint_that_cannot_be_written_costs_the_resume_point_not_the_run(tiny_vit, tmp_path, monkeypatch,
+                                                                                capsys):
+    import vitadapt.train as T
+
+    def full_disk(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(T, "save_checkpoint", full_disk)
+    loader = torch.utils.data.DataLoader(_data(), batch_size=8)
+    res = fit(make_fabric(), tiny_vit(num_classes=4), lambda m, b: (F.cross_entropy(m(b[0]), b[1]), {}), loader,
+              steps=3, lr=1e-3, ckpt_path=tmp_path / "job.ckpt", ckpt_every_s=0)
+    assert res.steps == 3 and "checkpoint" in capsys.readouterr().out and not (tmp_path / "job.ckpt").exists()
+
+
+def test_a_non_finite_gradient_norm_is_divergence_not_a_clipping_error(tiny_vit):
+    """pretrain_lr 10 in notebook 10 used to end in torch's "total norm is non-finite, so it cannot be clipped"."""
+    loader = torch.utils.data.DataLoader(_data(), batch_size=8)
+
+    def loss_fn(m, batch):                       # value 0, gradient NaN (d sqrt(u)/du at 0 is inf, times 0)
+        return torch.sqrt((m(batch[0]) * 0).sum()), {}
+    with job(variant="full", seed=1), pytest.raises(Diverged, match="variant full | seed 1 | step 0 .*gradient norm"):
+        fit(make_fabric(), tiny_vit(num_classes=4), loss_fn, loader, steps=3, lr=10.0, grad_clip=3.0)
+
+
+def test_rlrr_methods_whose_every_grid_point_diverges_read_diverged():
+    """30_rlrr with lr_multipliers [1e6] used to print 12.5 % for every method in normal-looking tables."""
+    from vitadapt.experiments import rlrr as X
+    from test_rlrr_experiment import TINY
+    cfg = X.RLRRConfig(**TINY, tasks=("dsprites_location",), groups={"structured": ["dsprites_location"]},
+                       methods=("linear", "rlrr"), n_train=16, n_val=8, n_test=16, bins=4, epochs=1, batch_size=8,
+                       adapt_blocks=1, seeds=(0, 1), drop_path=0.0, lr_multipliers=(1e6,))
+    logs = []
+    df, grid = X.run_benchmark(cfg, log=logs.append)
+    assert df["test_acc"].isna().all() and df["diverged"].notna().all() and grid["val_acc"].isna().all()
+    s = X.summary_tables(df, cfg.groups)["summary"]
+    assert (s["mean"] == "diverged").all() and (s["structured"] == "diverged").all()
+    rows = X.result_rows(df, cfg.groups)
+    assert all(r["status"] == "diverged" and r["mean"] is None for r in rows)
+    assert sum("diverged: " in line and "method rlrr" in line for line in logs) == 1
+
+
+def test_an_upstep_run_that_diverges_keeps_its_base_rows_and_marks_the_rest(monkeypatch):
+    """20_upstep with lr 10 used to die with "value cannot be converted to type float without overflow"."""
+    from test_upstep_experiment import tiny_cfg
+    from vitadapt.experiments import upstep as U
+    res = U.run_upstep(tiny_cfg(lr=10.0, steps=8, warmup_steps=0), log=None)
+    adapted = res.evals[res.evals["features"] != "base"]
+    assert len(adapted) and adapted["test_acc"].isna().all() and adapted["diverged"].str.startswith("diverged at").all()
+    assert res.evals[res.evals["features"] == "base"]["test_acc"].notna().all()
+    table = U.accuracy_table(res.evals)
+    assert (table["upstep"] == "diverged").all() and not table["base"].str.contains("diverged").any()

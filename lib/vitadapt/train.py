@@ -316,7 +316,12 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
         due = (ckpt_every and done % ckpt_every == 0) or done == steps or \
             (ckpt_every_s is not None and time.perf_counter() - last_save >= ckpt_every_s)
         if ckpt_path is not None and (ckpt_every or ckpt_every_s is not None) and due:
-            save_checkpoint(fabric, ckpt_path, module, opt, done, config, result, it, should_backward)
+            try:
+                save_checkpoint(fabric, ckpt_path, module, opt, done, config, result, it, should_backward)
+            except (OSError, RuntimeError) as e:        # a full disk costs the resume point, never the run
+                Path(str(ckpt_path) + ".tmp").unlink(missing_ok=True)
+                print(f"warning: checkpoint {ckpt_path} not written at step {done} ({str(e).splitlines()[0][:160]}); "
+                      f"training goes on, but an interruption now restarts this job from its last checkpoint")
             last_save = time.perf_counter()
     else:
         step = steps
