@@ -74,6 +74,14 @@ def test_counts_stored_as_floats_are_exact():
     assert compare(b, blob()) == ["metrics.cost.explora.steps: 3.01 vs golden 3 (exact)"]
 
 
+def test_a_spread_over_seeds_is_not_a_count():
+    g = {"metrics": {"summary": [{"mean std (seeds)": 2.2, "n_seeds": 2}]}}
+    a = {"metrics": {"summary": [{"mean std (seeds)": 2.22, "n_seeds": 2}]}}
+    assert compare(a, g) == []
+    a["metrics"]["summary"][0]["n_seeds"] = 3
+    assert compare(a, g) == ["metrics.summary[0].n_seeds: 3 vs golden 2 (exact)"]
+
+
 def test_nan_matches_only_nan():
     b = changed(["metrics", "cost", "explora", "steps"], float("nan"))
     assert compare(b, b) == []

@@ -12,7 +12,8 @@ The rules of :func:`compare`:
 
 * structure is exact: the same keys and the same list lengths; strings, booleans, None and integers are exact;
   so are counts stored as floats (pandas turns an int column with a missing value into floats): keys named
-  like ``n``, ``steps``, ``images_seen``, ``backward_passes``, ``skipped``, ``trainable*``, ``*params*``, ``seed``;
+  like ``n``, ``n_seeds``, ``steps``, ``images_seen``, ``backward_passes``, ``skipped``, ``trainable*``,
+  ``*params*``, ``seed``;
 * any other float passes when ``|actual - golden| <= 0.05 * scale`` (an accuracy as a fraction: 5 points)
   **or** ``|actual - golden| <= 5 % of the larger magnitude`` (a loss of 6.10 may move by 0.30). ``scale`` is
   100 for values in percent: the fields of a record whose ``metric`` says ``%`` or ``pp`` (``results`` rows),
@@ -43,7 +44,7 @@ VOLATILE = frozenset({"time", "times", "wall", "seconds", "sec", "s", "ms", "mem
 SKIPPED = frozenset({"selected"})
 # counts: exact even when a float (3.0 steps)
 COUNTS = frozenset({"n", "steps", "images", "backward", "passes", "skipped", "trainable", "params", "parameters",
-                    "seed", "seeds", "rank"})
+                    "seed", "rank"})   # not "seeds": "std (seeds)" is a spread of accuracies ("n_seeds" has "n")
 # values in percent that carry no ``metric`` field, as "<notebook>:<path>" patterns
 PERCENT = tuple(re.compile(p) for p in (
     r"^30_rlrr:metrics\.(summary|per_task)\[",
