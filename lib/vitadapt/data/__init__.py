@@ -123,13 +123,13 @@ class FileList(Dataset):
         if skip_bad_images(skip_bad) and self.paths:
             keep = [i for i, p in enumerate(self.paths) if _checked_problem(p) is None]
             if len(keep) < len(self.paths):
-                kept = set(keep)
+                kept, folder = set(keep), self._folder(self.paths)
                 self.skipped = [p for i, p in enumerate(self.paths) if i not in kept]
                 self.paths = [self.paths[i] for i in keep]
                 self.targets = [self.targets[i] for i in keep]
                 warnings.warn(f"skipped {len(self.skipped)} unreadable image(s) of {len(self.skipped) + len(keep)} "
-                              f"(skip_bad_images / ${SKIP_BAD_ENV}), e.g. {', '.join(map(str, self.skipped[:3]))}; list them all "
-                              f"with `{scan_command(self._folder(self.skipped))}`", stacklevel=2)
+                              f"(skip_bad_images / ${SKIP_BAD_ENV}), e.g. {', '.join(map(str, self.skipped[:3]))}; "
+                              f"list them all with `{scan_command(folder)}`", stacklevel=2)
 
     @staticmethod
     def _folder(paths: Sequence[Path]) -> str:
