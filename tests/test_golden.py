@@ -59,7 +59,16 @@ def test_percent_rows_get_a_percent_tolerance_and_losses_a_relative_one():
     assert compare(b, blob(), "20_upstep") == [
         "20_upstep: metrics.results[0].mean: 55 vs golden 61.5 (tolerance 5 abs (percent) / 5% rel)"]
     b = changed(["metrics", "runs"], [dict(blob()["metrics"]["runs"][0], final_loss=6.0968 * 1.08)])
-    assert len(compare(b, blob())) == 1
+    assert compare(b, blob()) == [
+        "metrics.runs[0].final_loss: 6.58454 vs golden 6.0968 (tolerance 5% rel, a loss)"]
+
+
+def test_a_small_loss_gets_no_absolute_slack():
+    g = {"metrics": {"runs": [{"final_cv_drift": 0.0006185, "loss_cluster": 0.0}]}}
+    a = {"metrics": {"runs": [{"final_cv_drift": 0.0006185 * 1.00001, "loss_cluster": 0.0}]}}
+    assert compare(a, g) == []                                     # another CPU's rounding
+    a["metrics"]["runs"][0]["final_cv_drift"] = 0.03                 # within 0.05 abs, but 50x the golden
+    assert len(compare(a, g)) == 1
 
 
 def test_an_int_difference_fails():
