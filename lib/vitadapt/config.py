@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal
@@ -20,6 +21,30 @@ import yaml
 from vitadapt.paths import CONFIGS, resolve
 
 PROFILES = ("smoke", "cpu", "paper")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats and booleans: PyYAML follows YAML 1.1, where ``5e-4`` and ``1e3`` are
+    strings and ``yes``/``no``/``on``/``off`` are booleans (``-p dry_run yes`` would be True, not "yes")."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    ch: [r for r in rs if r[0] not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:bool")]
+    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
+     [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?   # 1.5  1.  1.5e-3
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?          # .5
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+                  # 5e-4  1e3
+    |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    """Parse YAML text the same way everywhere (config files and ``-p`` values): YAML 1.1 as PyYAML reads it,
+    except that floats and booleans follow YAML 1.2: ``5e-4`` is the number 0.0005, ``yes`` is the string "yes"
+    and only true/false are booleans. Raises ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 def opt(default: Any, help: str, *, choices: Callable[[], list] | None = None,
@@ -153,7 +178,7 @@ def load_profile(profile: str, notebook: str | None = None) -> dict:
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r} is not valid; valid values: {', '.join(PROFILES)}")
     path = CONFIGS / f"{profile}.yaml"
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path.read_text()) or {}
     unknown = set(data) - {"defaults", "notebooks"}
     if unknown:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; valid: defaults, notebooks")
@@ -162,7 +187,7 @@ def load_profile(profile: str, notebook: str | None = None) -> dict:
         merged.update((data.get("notebooks") or {}).get(notebook) or {})
         per_nb = CONFIGS / "notebooks" / f"{notebook}.yaml"
         if per_nb.exists():
-            nb_data = yaml.safe_load(per_nb.read_text()) or {}
+            nb_data = load_yaml(per_nb.read_text()) or {}
             unknown = set(nb_data) - set(PROFILES)
             if unknown:
                 raise ValueError(f"{per_nb}: unknown top-level keys {sorted(unknown)}; valid: {', '.join(PROFILES)}")
