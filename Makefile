@@ -38,8 +38,12 @@ fashion-mnist:
 	  || echo "warning: apt-get install dataset-fashion-mnist failed; notebooks that use fashion_mnist will say so"; \
 	else echo "optional: sudo apt-get install dataset-fashion-mnist (the fashion_mnist source)"; fi
 
+# FORCE=1 re-runs unchanged notebooks; REAL=1 makes a dry run a failure. 1, yes or true turn a switch on,
+# empty leaves it off, anything else (FORCE=0 too) is an error rather than a guess.
+switch = $(if $(filter 1 yes true,$($(1))),$(2),$(if $($(1)),$(error $(1)=$($(1)) is not valid; valid values: 1, yes, true, or empty)))
+
 reproduce: setup
-	$(PY) -m vitadapt.runner --profile $(PROFILE) $(if $(NB),--nb $(NB)) $(if $(FORCE),--force)
+	$(PY) -m vitadapt.runner --profile $(PROFILE) $(if $(NB),--nb $(NB)) $(call switch,FORCE,--force) $(call switch,REAL,--require-real)
 
 # pytest on lib, then every notebook in the smoke profile, then nbval on the golden smoke notebooks.
 test: setup test-lib test-notebooks nbval
