@@ -962,6 +962,7 @@ def delta_table(evals: pd.DataFrame, by: str = "variant", reference: str | None 
     base = wide.xs(ref, level=0)
     d = wide.sub(base, level=1)          # a diverged seed (NaN) on either side is lost from the pair
     out = d.groupby(level=0, sort=False).agg(lambda v: mean_std_text(v, digits, signed=True))
+    out.columns.name = None
     out = out.reindex([v for v in _order(evals, by) if v != ref])
     return out[_eval_order(out.columns)]
 
