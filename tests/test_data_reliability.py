@@ -137,9 +137,10 @@ def test_truncated_jpeg_names_its_path_and_the_scan_command(tmp_path, monkeypatc
                                             rf"python -m vitadapt\.data\.manifest scan {tmp_path / 'x'}.*"
                                             rf"VITADAPT_SKIP_BAD_IMAGES=1"):
         ds[1]
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, collate_fn=list)
+    batches = iter(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, collate_fn=list))
     with pytest.raises(BadImageError, match=str(bad)):    # the path survives the worker process
-        next(iter(loader))
+        next(batches)
+    batches._shutdown_workers()
 
 
 def test_scan_lists_every_unreadable_file(tmp_path, capsys):
