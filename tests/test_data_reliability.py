@@ -116,11 +116,18 @@ def test_verify_shows_the_first_files_and_the_count(tmp_path, monkeypatch):
         manifest.verify(manifest.load("tiny", manifest.MANIFESTS), root)
 
 
-def test_committed_aid_checksums_are_the_manifest_and_the_shared_list():
-    m = manifest.load("aid")
+@pytest.mark.parametrize("name", ["aid", "sentinel2_tiles"])
+def test_every_folder_manifest_commits_per_file_checksums_that_give_its_digest(name):
+    m = manifest.load(name)
     lines = (MANIFESTS / m["checksums"]).read_text().splitlines()
-    assert len(lines) == m["files"] == 10_000
-    assert hashlib.sha256("\n".join(lines).encode()).hexdigest() == m["sha256"]
+    assert len(lines) == m["files"] and hashlib.sha256("\n".join(lines).encode()).hexdigest() == m["sha256"]
+    folders = {p.stem for p in MANIFESTS.glob("*.yaml") if manifest.load(p.stem)["kind"] == "folder"}
+    assert folders == {"aid", "sentinel2_tiles"}
+
+
+def test_committed_aid_checksums_are_the_shared_list():
+    m = manifest.load("aid")
+    assert m["files"] == 10_000
     shared = REPO_ROOT.parent / "shared" / "data" / "aid.sha256"
     if shared.exists():
         assert manifest.read_checksums(shared) == manifest.read_checksums(MANIFESTS / m["checksums"])
