@@ -37,3 +37,8 @@ def test_progress_counts_completed_code_cells(tmp_path):
     (tmp_path / "r.ipynb").write_text(json.dumps(nb))
     assert cell_progress(tmp_path / "r.ipynb") == (1, 3)
     assert cell_progress(tmp_path / "missing.ipynb") == (0, 0)
+
+
+def test_a_form_value_in_scientific_notation_is_a_number():
+    from vitadapt.launcher import parse_value
+    assert parse_value("5e-4") == 0.0005 and parse_value("[1e-4, 3e-4]") == [0.0001, 0.0003]

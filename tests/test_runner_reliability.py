@@ -289,3 +289,21 @@ def test_a_full_disk_while_stamping_is_a_failure_not_a_crash(fake_repo, fake_pap
     assert (outs / "10_x" / "metrics.json").read_text() == written["10_x"]
     assert sorted(p.name for p in (outs / "10_x").iterdir()) == ["10_x.ipynb", "metrics.json"]
     assert "runner_key" in json.loads((outs / "20_y" / "metrics.json").read_text())["run"]
+
+
+def test_a_dry_run_never_replaces_real_results():
+    """01 in the smoke profile for real, then as a dry run: the real notebook and metrics stay where they were, the
+    dry run's go to <nb>/dry_run/; a later real run removes that folder. (Real kernels: outputs/smoke/01_baselines.)"""
+    env = {**os.environ, "VITADAPT_OFFLINE": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "vitadapt.runner", "--profile", "smoke", "--nb", "01",
+                                     "--force", *a], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    real = run()
+    assert real.returncode == 0, real.stdout + real.stderr
+    nb_dir = paths.OUTPUTS / "smoke" / "01_baselines"
+    before = (nb_dir / "metrics.json").read_text()
+    dry = run("-p", "dry_run", "yes")
+    assert dry.returncode == 0 and "dry run (dry_run='yes')" in dry.stdout, dry.stdout + dry.stderr
+    assert (nb_dir / "metrics.json").read_text() == before
+    assert json.loads((nb_dir / "dry_run" / "metrics.json").read_text())["metrics"]["dry_run"] == "dry_run='yes'"
+    assert (nb_dir / "dry_run" / "01_baselines.ipynb").exists()
+    assert run().returncode == 0 and not (nb_dir / "dry_run").exists()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from vitadapt.config import PROFILES
+from vitadapt.config import PROFILES, load_yaml
 from vitadapt.paths import NOTEBOOKS, OUTPUTS, REPO_ROOT
 
 
@@ -41,7 +41,7 @@ def parse_value(text: str):
     if not text:
         return None
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)                 # as -p and the config files: 5e-4 is a number
     except yaml.YAMLError as e:
         raise ValueError(f"value {text!r} is not valid YAML ({e.problem})") from None
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vitadapt.paths import CONFIGS, NOTEBOOKS, REPO_ROOT, output_dir, resolve
 
+DRY_RUN_DIR = "dry_run"     # where a dry run's outputs go, beside (never over) the real results
 PACKAGES = ("torch", "torchvision", "timm", "peft", "lightly", "lightning", "torchgeo", "scikit-learn", "numpy",
             "papermill", "nbval")
 
@@ -160,19 +161,23 @@ class Run:
                 "host": {"machine": platform.machine(), "cpus": os.cpu_count()}}
 
     def finish(self, metrics: dict) -> Path:
-        """Write metrics.json and move every pending output into ``out_dir`` (each by an atomic rename)."""
+        """Write metrics.json and move every pending output into ``out_dir`` (each by an atomic rename). A dry run
+        (``metrics["dry_run"]`` gives its reason) goes to ``out_dir/dry_run/``: it never replaces real results."""
         blob = {"metrics": _jsonable(metrics), "run": _jsonable(self.record())}
         atomic_write_text(self.pending / "metrics.json", json.dumps(blob, indent=2, sort_keys=True))
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        target = self.out_dir / DRY_RUN_DIR if metrics.get("dry_run") else self.out_dir
+        target.mkdir(parents=True, exist_ok=True)
         for f in sorted(self.pending.iterdir()):
             if f.name != "metrics.json":
-                os.replace(f, self.out_dir / f.name)
-        os.replace(self.pending / "metrics.json", self.out_dir / "metrics.json")   # last: marks completion
+                os.replace(f, target / f.name)
+        os.replace(self.pending / "metrics.json", target / "metrics.json")   # last: marks completion
         shutil.rmtree(self.pending, ignore_errors=True)
         self.jobs.clear()
         if self.jobs.root is not None:
             shutil.rmtree(self.jobs.root.parent, ignore_errors=True)
-        return self.out_dir / "metrics.json"
+        if target == self.out_dir:
+            shutil.rmtree(self.out_dir / DRY_RUN_DIR, ignore_errors=True)     # a real run supersedes a dry one
+        return target / "metrics.json"
 
 
 def load_metrics(path: Path) -> dict:

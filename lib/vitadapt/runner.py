@@ -27,7 +27,7 @@ import yaml
 
 from vitadapt.config import PROFILES, load_profile, load_yaml
 from vitadapt.paths import NOTEBOOKS, REPO_ROOT, output_dir
-from vitadapt.results import _alive, code_hash
+from vitadapt.results import DRY_RUN_DIR, _alive, code_hash
 
 KERNEL = "vitadapt"
 ALWAYS_RUN = {"90_results"}   # reads the other notebooks' outputs: never "unchanged"
@@ -188,6 +188,8 @@ def run_one(nb: Path, profile: str, params: dict, force: bool, kernel: str, time
             stale.unlink(missing_ok=True)
     tmp = out_dir / f".{name}.running-{os.getpid()}.ipynb"
     failed = out_dir / f"{name}.failed.ipynb"
+    dry_metrics = out_dir / DRY_RUN_DIR / "metrics.json"        # where a dry run writes (results.Run.finish)
+    dry_before = dry_metrics.stat().st_mtime_ns if dry_metrics.exists() else None
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(str(nb), str(tmp), parameters={"profile": profile, **params}, kernel_name=kernel, language="python",
@@ -203,12 +205,14 @@ def run_one(nb: Path, profile: str, params: dict, force: bool, kernel: str, time
             msg = str(e).strip().splitlines() or [type(e).__name__]
         return "FAILED", time.perf_counter() - t0, f"{msg[-1][:300]} ({kept})"
     wall = time.perf_counter() - t0
-    os.replace(tmp, out_dir / f"{name}.ipynb")
+    dry = dry_metrics.exists() and dry_metrics.stat().st_mtime_ns != dry_before
+    where = dry_metrics.parent if dry else out_dir          # a dry run never replaces the real results
+    os.replace(tmp, where / f"{name}.ipynb")
     failed.unlink(missing_ok=True)
-    m = out_dir / "metrics.json"
+    m = where / "metrics.json"
     if not m.exists():
         return "ok", wall, ""
-    err = _stamp(out_dir, key, wall)
+    err = _stamp(where, key, wall)
     if err:
         return "FAILED", wall, err
     try:
