@@ -13,7 +13,7 @@ export PYTHONHASHSEED := 0
 .PHONY: fashion-mnist setup reproduce test test-lib test-notebooks nbval golden verify-data bench clean help
 
 help:
-	@echo "make setup | reproduce [PROFILE=smoke|cpu|paper NB=00,01 FORCE=1] | test | verify-data | bench | golden | clean"
+	@echo "make setup | reproduce [PROFILE=smoke|cpu|paper NB=00,01 FORCE=1 REAL=1] | test | verify-data | bench | golden | clean"
 
 # Idempotent: the stamp depends on the pin files, so a second run does nothing.
 setup: $(VENV)/.setup-done
