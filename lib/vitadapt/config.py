@@ -72,7 +72,7 @@ class ExperimentConfig:
 
     profile: Literal["smoke", "cpu", "paper"] = opt("smoke", "Profile: smoke (synthetic, tiny random ViT), cpu (real weights and data, small scale), paper (published settings).")
     dataset: str = opt("synthetic", "Labelled target dataset (a name in vitadapt.data.DATASETS).", choices=_dataset_names)
-    data_root: str = opt("", "Root folder of the dataset: used if given, else an error naming it; '' uses $VITADAPT_<NAME>_ROOT when set (the same rule), else searches data/<name> and ../shared/data/<name>.")
+    data_root: str = opt("", "Root folder of the dataset: when given, it must hold the dataset (else an error naming it); '' uses $VITADAPT_<NAME>_ROOT when set (the same rule), else searches data/<name> and ../shared/data/<name>.")
     weights: str = opt("random", "Weight source (a name in vitadapt.models.WEIGHTS) or a path to a local checkpoint.")
     arch: str = opt("vit_tiny_patch16_224", "timm architecture name of the backbone.")
     arch_kwargs: dict = opt({}, "Extra keyword arguments for timm.create_model (depth, embed_dim, ...); YAML only.", yaml_only=True)
