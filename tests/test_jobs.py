@@ -223,3 +223,10 @@ def test_an_upstep_run_that_diverges_keeps_its_base_rows_and_marks_the_rest(monk
     assert res.evals[res.evals["features"] == "base"]["test_acc"].notna().all()
     table = U.accuracy_table(res.evals)
     assert (table["upstep"] == "diverged").all() and not table["base"].str.contains("diverged").any()
+
+
+def test_a_dry_run_reason_is_cut_visibly_at_a_clause():
+    from vitadapt.experiments.common import brief
+    assert brief(ValueError("dataset 'fmow' not found; looked in a, b")) == "dataset 'fmow' not found"
+    long = brief("x (" + "y" * 300 + ")", 50)
+    assert len(long) == 50 and long.endswith("…")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 
 from vitadapt.data import DataMissingError, Splits, get_dataset, subsample
@@ -33,6 +32,12 @@ def load_backbone(cfg, weights: str | None = None, **kw):
     return create_backbone(weights or cfg.weights, cfg.arch, cfg.img_size, cfg.arch_kwargs, **kw)
 
 
+def brief(err, limit: int = 160) -> str:
+    """An error's first clause (up to ';'), cut at ``limit`` characters with a visible '…' (a dry-run reason)."""
+    text = str(err).split(";")[0].strip()
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
 def dry_run_reason(cfg) -> str | None:
     """Why this run should stop after building and validating (None: run for real)."""
     if cfg.dry_run == "yes":
@@ -42,7 +47,7 @@ def dry_run_reason(cfg) -> str | None:
     try:
         get_dataset(cfg.dataset, root=cfg.data_root, download=False)
     except (DataMissingError, FileNotFoundError) as e:
-        return f"dataset {cfg.dataset!r} is not available here ({str(e)[:160]})"
+        return f"dataset {cfg.dataset!r} is not available here ({brief(e)})"
     src = WEIGHTS.get(cfg.weights)
     if src is not None and src.kind == "hub":
         from vitadapt.models import hub_reachable

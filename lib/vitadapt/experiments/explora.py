@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vitadapt.config import ExperimentConfig, _dataset_names, opt
 from vitadapt.data import DATASETS, DataMissingError, Splits, get_dataset
-from vitadapt.experiments.common import chance, frozen_eval, load_splits, summarize
+from vitadapt.experiments.common import brief, chance, frozen_eval, load_splits, summarize
 from vitadapt.jobs import checkpoint_every_s, diverged_row, mark_diverged, mean_std_text
 from vitadapt.models import count_params, create_backbone
 from vitadapt.paths import resolve
@@ -1065,7 +1065,7 @@ def dry_run_reason(cfg: ExploraConfig) -> str | None:
         try:
             _get(cfg, name, download=False)
         except (DataMissingError, FileNotFoundError) as e:
-            missing.append(f"dataset {name!r} ({str(e)[:140]})")
+            missing.append(f"dataset {name!r} ({brief(e, 140)})")
     src = WEIGHTS.get(cfg.weights)
     if src is not None and src.kind == "hub":
         from vitadapt.models import hub_reachable

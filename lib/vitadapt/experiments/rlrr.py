@@ -28,6 +28,7 @@ from torch import nn
 from vitadapt.config import ExperimentConfig, opt
 from vitadapt.data import DATASETS, DataMissingError, Splits
 from vitadapt.data.vtab import FGVC_TASKS, VTAB1K_TASKS, vtab_task
+from vitadapt.experiments.common import brief
 from vitadapt.finetune import (HeadOnly, TailViT, embed_tokens, fresh_head, materialize, pooled_features,
                                run_blocks, select_then_test)
 from vitadapt.jobs import JobStore, mean_std_text
@@ -251,7 +252,7 @@ def dry_run_build(cfg: RLRRConfig, ablation: bool = False) -> dict:
     try:
         vit, info = load_vit(cfg)
     except WeightsMissingError as e:
-        print(f"weights {cfg.weights!r} not available here ({str(e)[:160]}); building {cfg.arch} with random weights")
+        print(f"weights {cfg.weights!r} not available here ({brief(e)}); building {cfg.arch} with random weights")
         vit, info = create_backbone("random", WEIGHTS[cfg.weights].arch or cfg.arch if cfg.weights in WEIGHTS else cfg.arch,
                                     cfg.img_size, cfg.arch_kwargs, num_classes=1, drop_path_rate=cfg.drop_path)
     if ablation:

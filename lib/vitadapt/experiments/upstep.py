@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from vitadapt.config import ExperimentConfig, _dataset_names, opt
 from vitadapt.data import DATASETS, DataMissingError, Splits, get_dataset, subsample
 from vitadapt.eval import FeatureCache, eval_transform, knn_eval, linear_probe, model_fingerprint
-from vitadapt.experiments.common import chance, load_backbone, summarize
+from vitadapt.experiments.common import brief, chance, load_backbone, summarize
 from vitadapt.jobs import JobStore, checkpoint_every_s, mean_std_text
 from vitadapt.peft import count_trainable
 from vitadapt.ssl.upstep import (ENSEMBLE_MODES, UpStepAugment, UpStepGate, UpStepObjective, ensemble_features,
@@ -755,7 +755,7 @@ def dry_run_reason(cfg: UpStepConfig) -> str | None:
         try:
             _get(cfg, name, download=False)
         except (DataMissingError, FileNotFoundError) as e:
-            missing.append(f"{name} ({str(e)[:100]})")
+            missing.append(f"{name} ({brief(e, 100)})")
     if missing:
         return "not available here: " + "; ".join(missing)
     src = WEIGHTS.get(cfg.weights)
