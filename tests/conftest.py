@@ -43,3 +43,26 @@ def private_feature_cache(tmp_path, monkeypatch):
     """Frozen-feature caches of a test go to a temporary folder, not outputs/cache."""
     monkeypatch.setattr("vitadapt.eval.CACHE", tmp_path / "cache")
     return tmp_path / "cache"
+
+
+def write_notebook(path, params="profile = 'cpu'", code="pass"):
+    """A two-cell notebook: a ``parameters``-tagged cell, then ``code`` (what the runner tests execute)."""
+    import nbformat
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell(params)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell(code)]
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def fake_repo(tmp_path, monkeypatch):
+    """The runner pointed at an empty notebooks/ and outputs/ under tmp_path, as rank 0: (notebooks, outputs)."""
+    from vitadapt import paths, runner
+    nbs, outs = tmp_path / "notebooks", tmp_path / "outputs"
+    nbs.mkdir()
+    monkeypatch.setattr(runner, "NOTEBOOKS", nbs)
+    monkeypatch.setattr(paths, "OUTPUTS", outs)
+    for var in ("RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    return nbs, outs

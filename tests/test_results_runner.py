@@ -7,6 +7,8 @@ from vitadapt import paths, runner
 from vitadapt.config import ExperimentConfig, build_config
 from vitadapt.results import Run, atomic_write_text
 
+from conftest import write_notebook
+
 
 def _cfg(tmp_path, name="nb"):
     return build_config(ExperimentConfig, "smoke", out_dir=str(tmp_path / name))
@@ -51,29 +53,10 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     assert p.read_text() == "2" and [f.name for f in tmp_path.iterdir()] == ["a.json"]
 
 
-def _notebook(path, code):
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell('profile = "cpu"')
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(code)]
-    nbformat.write(nb, path)
-
-
-@pytest.fixture
-def fake_repo(tmp_path, monkeypatch):
-    nbs, outs = tmp_path / "notebooks", tmp_path / "outputs"
-    nbs.mkdir()
-    monkeypatch.setattr(runner, "NOTEBOOKS", nbs)
-    monkeypatch.setattr(paths, "OUTPUTS", outs)
-    for var in ("RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(var, raising=False)
-    return nbs, outs
-
-
 def test_runner_reports_a_failure_runs_the_rest_and_skips_unchanged(fake_repo, capsys):
     nbs, outs = fake_repo
-    _notebook(nbs / "01_fails.ipynb", "raise RuntimeError('boom in notebook')")
-    _notebook(nbs / "02_works.ipynb", "print('profile is', profile)")
+    write_notebook(nbs / "01_fails.ipynb", code="raise RuntimeError('boom in notebook')")
+    write_notebook(nbs / "02_works.ipynb", code="print('profile is', profile)")
     (outs / "smoke" / "01_fails").mkdir(parents=True)
     (outs / "smoke" / "01_fails" / "01_fails.ipynb").write_text("previous good result")
     assert runner.main(["--profile", "smoke"]) == 1
@@ -90,8 +73,8 @@ def test_runner_reports_a_failure_runs_the_rest_and_skips_unchanged(fake_repo, c
 
 def test_runner_selection_and_bad_values(fake_repo, capsys):
     nbs, _ = fake_repo
-    _notebook(nbs / "01_a.ipynb", "pass")
-    _notebook(nbs / "02_b.ipynb", "pass")
+    write_notebook(nbs / "01_a.ipynb", code="pass")
+    write_notebook(nbs / "02_b.ipynb", code="pass")
     assert [p.stem for p in runner.discover("02")] == ["02_b"]
     assert [p.stem for p in runner.discover("01_a,02")] == ["01_a", "02_b"]
     with pytest.raises(ValueError, match="NB='7' matches no notebook; valid: 01_a, 02_b"):
@@ -126,7 +109,7 @@ def test_launch_rank_reads_torchrun_and_slurm(monkeypatch):
 
 def test_non_zero_ranks_never_write_over_rank_zero_outputs(fake_repo, monkeypatch):
     nbs, outs = fake_repo
-    _notebook(nbs / "02_works.ipynb", "print('ok')")
+    write_notebook(nbs / "02_works.ipynb", code="print('ok')")
     monkeypatch.setenv("RANK", "1")
     assert runner.main(["--profile", "smoke", "--force"]) == 0
     assert (outs / "smoke" / ".ranks" / "rank1" / "02_works" / "02_works.ipynb").exists()
@@ -139,7 +122,7 @@ def test_non_zero_ranks_never_write_over_rank_zero_outputs(fake_repo, monkeypatc
 
 def test_the_runner_removes_partial_notebooks_of_killed_runs(fake_repo):
     nbs, outs = fake_repo
-    _notebook(nbs / "02_works.ipynb", "print('ok')")
+    write_notebook(nbs / "02_works.ipynb", code="print('ok')")
     out = outs / "smoke" / "02_works"
     out.mkdir(parents=True)
     (out / ".02_works.running-999999999.ipynb").write_text("{}")

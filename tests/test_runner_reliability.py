@@ -20,25 +20,15 @@ import pytest
 from vitadapt import config, paths, runner
 from vitadapt.config import load_profile
 
+from conftest import write_notebook
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _notebook(path, params="profile = 'cpu'", code="pass"):
-    nb = nbformat.v4.new_notebook()
-    cell = nbformat.v4.new_code_cell(params)
-    cell.metadata["tags"] = ["parameters"]
-    nb.cells = [cell, nbformat.v4.new_code_cell(code)]
-    nbformat.write(nb, path)
-
-
 @pytest.fixture
-def fake_repo(tmp_path, monkeypatch):
-    nbs, outs = tmp_path / "notebooks", tmp_path / "outputs"
-    nbs.mkdir()
-    monkeypatch.setattr(runner, "NOTEBOOKS", nbs)
-    monkeypatch.setattr(paths, "OUTPUTS", outs)
-    for var in ("RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(var, raising=False)
+def fake_repo(fake_repo):
+    """conftest's fake repository, with the smoke profile's outputs folder: (notebooks, outputs/smoke)."""
+    nbs, outs = fake_repo
     return nbs, outs / "smoke"
 
 
@@ -85,14 +75,14 @@ def test_config_files_read_floats_the_same_way(tmp_path, monkeypatch):
 def test_p_values_reach_the_notebook_as_numbers(fake_repo, fake_papermill):
     nbs, _ = fake_repo
     calls, _, _ = fake_papermill
-    _notebook(nbs / "10_x.ipynb", "profile = 'cpu'\nlr = None\nft_lrs = None")
+    write_notebook(nbs / "10_x.ipynb", "profile = 'cpu'\nlr = None\nft_lrs = None")
     assert runner.main(["--profile", "smoke", "-p", "lr", "5e-4", "-p", "ft_lrs", "[1e-4, 3e-4]"]) == 0
     assert calls["10_x"] == {"profile": "smoke", "lr": 0.0005, "ft_lrs": [0.0001, 0.0003]}
 
 
 def test_a_malformed_value_is_one_line_naming_it(fake_repo, fake_papermill, capsys):
     nbs, _ = fake_repo
-    _notebook(nbs / "10_x.ipynb", "profile = 'cpu'\nseeds = None")
+    write_notebook(nbs / "10_x.ipynb", "profile = 'cpu'\nseeds = None")
     with pytest.raises(SystemExit) as e:
         runner.main(["--profile", "smoke", "-p", "seeds", "[0, 1"])
     err = capsys.readouterr().err
@@ -103,8 +93,8 @@ def test_a_malformed_value_is_one_line_naming_it(fake_repo, fake_papermill, caps
 
 def test_unknown_names_fail_before_any_notebook_runs(fake_repo, fake_papermill, capsys):
     nbs, _ = fake_repo
-    _notebook(nbs / "10_x.ipynb", "profile = 'cpu'\nseeds = None\nlr: 'Optional[float]' = None")
-    _notebook(nbs / "20_y.ipynb", "profile = 'cpu'\nsteps = None")
+    write_notebook(nbs / "10_x.ipynb", "profile = 'cpu'\nseeds = None\nlr: 'Optional[float]' = None")
+    write_notebook(nbs / "20_y.ipynb", "profile = 'cpu'\nsteps = None")
     with pytest.raises(SystemExit) as e:
         runner.main(["--profile", "smoke", "-p", "devices", "2"])
     assert e.value.code == 2
@@ -119,8 +109,8 @@ def test_unknown_names_fail_before_any_notebook_runs(fake_repo, fake_papermill, 
 def test_a_name_only_some_notebooks_have_goes_to_those_only(fake_repo, fake_papermill, capsys):
     nbs, _ = fake_repo
     calls = fake_papermill[0]
-    _notebook(nbs / "10_x.ipynb", "profile = 'cpu'\nlr = None")
-    _notebook(nbs / "20_y.ipynb", "profile = 'cpu'\nsteps = None")
+    write_notebook(nbs / "10_x.ipynb", "profile = 'cpu'\nlr = None")
+    write_notebook(nbs / "20_y.ipynb", "profile = 'cpu'\nsteps = None")
     assert runner.main(["--profile", "smoke", "-p", "lr", "0.1"]) == 0
     assert calls == {"10_x": {"profile": "smoke", "lr": 0.1}, "20_y": {"profile": "smoke"}}
     assert "-p lr is not passed to 20_y (no such parameter there)" in capsys.readouterr().out
@@ -128,7 +118,7 @@ def test_a_name_only_some_notebooks_have_goes_to_those_only(fake_repo, fake_pape
 
 def test_p_profile_must_agree_with_profile(fake_repo, fake_papermill, capsys):
     nbs, _ = fake_repo
-    _notebook(nbs / "10_x.ipynb")
+    write_notebook(nbs / "10_x.ipynb")
     with pytest.raises(SystemExit) as e:
         runner.main(["--profile", "smoke", "-p", "profile", "cpu"])
     assert e.value.code == 2
@@ -171,8 +161,8 @@ def test_make_force_and_real_take_only_clear_values():
 def test_dry_runs_are_counted_named_and_never_skipped(fake_repo, fake_papermill, capsys):
     nbs, outs = fake_repo
     calls, metrics, _ = fake_papermill
-    _notebook(nbs / "10_dry.ipynb")
-    _notebook(nbs / "20_real.ipynb")
+    write_notebook(nbs / "10_dry.ipynb")
+    write_notebook(nbs / "20_real.ipynb")
     metrics["10_dry"] = {"dry_run": "dataset 'fmow' is not available here"}
     metrics["20_real"] = {"dry_run": None, "acc": 0.5}
     assert runner.main(["--profile", "smoke"]) == 0
@@ -189,7 +179,7 @@ def test_dry_runs_are_counted_named_and_never_skipped(fake_repo, fake_papermill,
 
 def test_require_real_makes_a_dry_run_a_failure(fake_repo, fake_papermill, capsys):
     nbs, _ = fake_repo
-    _notebook(nbs / "10_dry.ipynb")
+    write_notebook(nbs / "10_dry.ipynb")
     fake_papermill[1]["10_dry"] = {"dry_run": "dry_run='yes'"}
     assert runner.main(["--profile", "smoke", "--require-real"]) == 1
     out = capsys.readouterr().out
@@ -204,7 +194,7 @@ def test_ctrl_c_is_one_line_exit_130_and_keeps_previous_outputs(tmp_path):
     (tmp_path / "configs").mkdir()
     shutil.copy(REPO / "configs" / "smoke.yaml", tmp_path / "configs")
     (tmp_path / "notebooks").mkdir()
-    _notebook(tmp_path / "notebooks" / "01_slow.ipynb", code="print('started', flush=True)\nimport time\ntime.sleep(300)")
+    write_notebook(tmp_path / "notebooks" / "01_slow.ipynb", code="print('started', flush=True)\nimport time\ntime.sleep(300)")
     out = tmp_path / "outputs" / "smoke" / "01_slow"
     out.mkdir(parents=True)
     (out / "01_slow.ipynb").write_text("previous")
@@ -235,10 +225,10 @@ def test_ctrl_c_is_one_line_exit_130_and_keeps_previous_outputs(tmp_path):
 
 def test_an_invalid_partial_notebook_is_deleted_not_kept(fake_repo, fake_papermill, monkeypatch, capsys):
     nbs, outs = fake_repo
-    _notebook(nbs / "10_x.ipynb")
+    write_notebook(nbs / "10_x.ipynb")
     earlier = outs / "10_x" / "10_x.failed.ipynb"
     earlier.parent.mkdir(parents=True)
-    _notebook(earlier, code="'the earlier failure'")
+    write_notebook(earlier, code="'the earlier failure'")
 
     def disk_full(nb, out, **kw):
         Path(out).write_text('{"cells": [{"cell_type": "co')           # truncated by a full disk
@@ -255,8 +245,8 @@ def test_an_invalid_partial_notebook_is_deleted_not_kept(fake_repo, fake_papermi
 
 def test_a_full_disk_while_stamping_is_a_failure_not_a_crash(fake_repo, fake_papermill, monkeypatch, capsys):
     nbs, outs = fake_repo
-    _notebook(nbs / "10_x.ipynb")
-    _notebook(nbs / "20_y.ipynb")
+    write_notebook(nbs / "10_x.ipynb")
+    write_notebook(nbs / "20_y.ipynb")
     fake_papermill[1]["10_x"] = {"acc": 0.5}
     fake_papermill[1]["20_y"] = {"acc": 0.7}
     written = {}
