@@ -63,10 +63,6 @@ class JobStore:
     def _path(self, what: dict, suffix: str) -> Path:
         return self.root / f"{_name(what)}{suffix}"
 
-    def checkpoint(self, what: dict) -> Path | None:
-        """Where the running job ``what`` keeps its training checkpoint (``None`` when the store is off)."""
-        return None if self.root is None else self._path(what, ".ckpt")
-
     def run(self, what: dict, fn: Callable[[Path | None], Any]) -> Any:
         """``fn(checkpoint path)``'s result for job ``what``: from the store when an earlier, interrupted run of the
         same config and code finished it; else computed (resuming from the job's checkpoint if there is one),
@@ -132,7 +128,7 @@ def summarize(values) -> dict:
     return out
 
 
-def mark_diverged(ax, df, x: str, y: str, order: Sequence, hue: str | None = None) -> None:
+def mark_diverged(ax, df, x: str, y: str, order: Sequence) -> None:
     """Write "diverged" on a bar chart at every ``x`` category whose ``y`` values are all NaN (no bar is drawn
     there), and "k/n diverged" above categories where only some are."""
     for i, cat in enumerate(order):

@@ -108,6 +108,7 @@ class Run:
             if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
                 shutil.rmtree(stale, ignore_errors=True)     # left by an interrupted run
         self.pending.mkdir(parents=True)
+        self.resume_dir = self.out_dir.parent / f".{self.out_dir.name}.resume"     # see vitadapt.jobs
         self.jobs = self._job_store(quiet)
         from vitadapt.train import set_notebook
         set_notebook(notebook)
@@ -122,16 +123,16 @@ class Run:
         stores of another config or code are removed."""
         from vitadapt.jobs import JobStore, resume_enabled
         key = hashlib.sha256(f"{self.cfg.hash()} {code_hash(self.notebook, self.cfg.profile)}".encode()).hexdigest()[:16]
-        parent = self.out_dir.parent / f".{self.out_dir.name}.resume"
-        for old in parent.glob("*") if parent.exists() else []:
+        for old in self.resume_dir.glob("*") if self.resume_dir.exists() else []:
             if old.name != key:
                 shutil.rmtree(old, ignore_errors=True)
         if not resume_enabled():
             return JobStore(None)
-        root = parent / key
-        if root.exists() and any(root.glob("*.pkl")) and not quiet:
-            print(f"resume: {len(list(root.glob('*.pkl')))} finished job(s) of an interrupted run with this config "
-                  f"and code are kept (VITADAPT_RESUME=0 to start afresh)")
+        root = self.resume_dir / key
+        kept = len(list(root.glob("*.pkl"))) if root.exists() else 0
+        if kept and not quiet:
+            print(f"resume: {kept} finished job(s) of an interrupted run with this config and code are kept "
+                  f"(VITADAPT_RESUME=0 to start afresh)")
         return JobStore(root, log=None if quiet else print)
 
     def use(self, kind: str, record: dict) -> None:
@@ -172,9 +173,7 @@ class Run:
                 os.replace(f, target / f.name)
         os.replace(self.pending / "metrics.json", target / "metrics.json")   # last: marks completion
         shutil.rmtree(self.pending, ignore_errors=True)
-        self.jobs.clear()
-        if self.jobs.root is not None:
-            shutil.rmtree(self.jobs.root.parent, ignore_errors=True)
+        shutil.rmtree(self.resume_dir, ignore_errors=True)      # finished: nothing left to resume
         if target == self.out_dir:
             shutil.rmtree(self.out_dir / DRY_RUN_DIR, ignore_errors=True)     # a real run supersedes a dry one
         return target / "metrics.json"

@@ -9,6 +9,7 @@ import torch
 
 from vitadapt.data import DataMissingError, Splits, get_dataset, subsample
 from vitadapt.eval import FeatureCache, knn_eval, linear_probe, model_fingerprint
+from vitadapt.jobs import summarize  # noqa: F401  (mean, std, n over seeds, diverged ones counted apart)
 from vitadapt.models import WEIGHTS, WeightsMissingError, create_backbone
 
 
@@ -75,8 +76,3 @@ def frozen_eval(cfg, model, info: dict, splits: Splits, seed: int, Cs=(0.01, 0.1
 def chance(splits: Splits) -> float:
     return 1.0 / max(1, len(splits.classes))
 
-
-def summarize(values) -> dict:
-    """mean, std and n over seeds; diverged seeds (NaN) are counted apart (:func:`vitadapt.jobs.summarize`)."""
-    from vitadapt.jobs import summarize as _summarize
-    return _summarize(values)
