@@ -1,9 +1,9 @@
 """Experiment configuration: one dataclass per experiment, built from flat papermill parameters on top
 of ``configs/<profile>.yaml``, validated before any work starts.
 
-Order of precedence (last wins): dataclass defaults < ``defaults:`` of the profile YAML < the
-``notebooks: <name>:`` section of the profile YAML < parameters passed by the notebook (``None`` means
-"take the profile's value"). Every bad value raises ``ValueError`` naming the value and the valid ones.
+Order of precedence (last wins): dataclass defaults < ``defaults:`` of ``configs/<profile>.yaml`` < the
+``<profile>:`` section of ``configs/notebooks/<notebook>.yaml`` < parameters passed by the notebook (``None``
+means "take the profile's value"). Every bad value raises ``ValueError`` naming the value and the valid ones.
 """
 
 from __future__ import annotations
@@ -154,6 +154,11 @@ class ExperimentConfig:
     def check(self) -> None:
         """Experiment-specific cross-field checks; subclasses override."""
 
+    @property
+    def data_size(self) -> int:
+        """The size images are decoded at (at least 32 px, so tiny smoke inputs can still be cropped)."""
+        return max(self.img_size, 32)
+
     # ---- helpers ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -173,18 +178,18 @@ class ExperimentConfig:
 
 
 def load_profile(profile: str, notebook: str | None = None) -> dict:
-    """The profile's values for one notebook: ``defaults`` of configs/<profile>.yaml, then its
-    ``notebooks: <notebook>:`` section, then the ``<profile>:`` section of configs/notebooks/<notebook>.yaml."""
+    """The profile's values for one notebook: ``defaults`` of configs/<profile>.yaml, then the ``<profile>:``
+    section of configs/notebooks/<notebook>.yaml."""
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r} is not valid; valid values: {', '.join(PROFILES)}")
     path = CONFIGS / f"{profile}.yaml"
     data = load_yaml(path.read_text()) or {}
-    unknown = set(data) - {"defaults", "notebooks"}
+    unknown = set(data) - {"defaults"}
     if unknown:
-        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; valid: defaults, notebooks")
+        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; valid: defaults (per-notebook values "
+                         f"go in configs/notebooks/<notebook>.yaml)")
     merged = dict(data.get("defaults") or {})
     if notebook is not None:
-        merged.update((data.get("notebooks") or {}).get(notebook) or {})
         per_nb = CONFIGS / "notebooks" / f"{notebook}.yaml"
         if per_nb.exists():
             nb_data = load_yaml(per_nb.read_text()) or {}

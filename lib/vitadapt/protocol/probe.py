@@ -1,0 +1,48 @@
+"""Frozen-feature evaluation: a linear probe (C chosen on val) and kNN (k chosen on val), test scored once.
+
+Features come from the per-item cache :class:`vitadapt.eval.FeatureCache`, keyed by the weights, architecture, size,
+feature kind and the model's fingerprint, so every notebook evaluating the same model shares it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from vitadapt.eval import FeatureCache, knn_eval, linear_probe, model_fingerprint
+
+EVALS = ("linear probe", "kNN")
+DEFAULT_CS = (0.01, 0.1, 1.0, 10.0)
+DEFAULT_KS = (10, 20)
+
+
+def features(cfg, model, info: dict, device="cpu", feature: str | None = None,
+             progress: bool = False) -> Callable[[object], tuple[np.ndarray, np.ndarray]]:
+    """``get(dataset) -> (X, y)``: cached features of ``model`` (``feature`` default ``cfg.feature``)."""
+    feature = feature or cfg.feature
+    cache = FeatureCache({"weights": info.get("weights_used"), "arch": info.get("arch"), "img_size": cfg.img_size,
+                          "feature": feature, "arch_kwargs": cfg.arch_kwargs, "fingerprint": model_fingerprint(model)})
+    return lambda ds: cache.features(model, ds, cfg.img_size, cfg.batch_size, feature, cfg.num_workers, device,
+                                     progress=progress)
+
+
+def score(cfg, feats: dict, seed: int) -> dict[str, dict]:
+    """Linear probe and kNN of ``feats`` = {"train"|"val"|"test": (X, y)} with the config's grids (``probe_Cs``,
+    ``knn_ks``, ``probe_max_iter`` where it has them): {"linear probe": {test_acc, val_acc, selected}, "kNN": ...}."""
+    (Xtr, ytr), (Xva, yva), (Xte, yte) = feats["train"], feats["val"], feats["test"]
+    lp = linear_probe(Xtr, ytr, Xva, yva, Xte, yte, Cs=getattr(cfg, "probe_Cs", DEFAULT_CS),
+                      max_iter=getattr(cfg, "probe_max_iter", 100), seed=seed)
+    kn = knn_eval(Xtr, ytr, Xva, yva, Xte, yte, ks=getattr(cfg, "knn_ks", DEFAULT_KS))
+    return {"linear probe": {"test_acc": lp["test_acc"], "val_acc": lp["val_acc"], "selected": f"C={lp['C']}"},
+            "kNN": {"test_acc": kn["test_acc"], "val_acc": kn["val_acc"], "selected": f"k={kn['k']}"}}
+
+
+def split_features(get: Callable, splits) -> dict:
+    return {part: get(getattr(splits, part)) for part in ("train", "val", "test")}
+
+
+def frozen_eval(cfg, model, info: dict, splits, seed: int, device="cpu", progress: bool = False) -> list[dict]:
+    """Rows ``{seed, eval, test_acc, val_acc, selected}`` of the linear probe and kNN on frozen features."""
+    scores = score(cfg, split_features(features(cfg, model, info, device, progress=progress), splits), seed)
+    return [{"seed": seed, "eval": ev, **r} for ev, r in scores.items()]

@@ -1,0 +1,90 @@
+"""What a notebook reports: summaries over seeds for metrics.json, rows of the shared results schema (always
+written, so 90_results sees every notebook), and the published numbers (:mod:`vitadapt.papers`) beside ours."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from vitadapt.jobs import summarize
+
+
+def summary(df: pd.DataFrame, keys: Sequence[str], value: str = "test_acc") -> dict:
+    """``{"k1/k2/...": {mean, std, n[, diverged, status]}}`` of ``value`` over the rows of each ``keys`` group."""
+    out = {}
+    for k, g in df.groupby(list(keys), sort=False):
+        out["/".join(map(str, k if isinstance(k, tuple) else (k,)))] = summarize(g[value])
+    return out
+
+
+def result_row(table: str, method: str, values, metric: str = "top-1 (%)", scale: float = 100.0, **extra) -> dict:
+    """A row of the shared results schema: mean, std and n over seeds of ``values`` (fractions -> %)."""
+    s = summarize(np.asarray(list(values), float) * scale)     # diverged seeds (NaN) are counted, never averaged
+    return {"table": table, "method": method, "metric": metric, **s, **extra}
+
+
+def result_rows(df: pd.DataFrame, table: str | Callable, keys: Sequence[str], value: str = "test_acc",
+                method: Callable | None = None, extra: Callable[[pd.DataFrame], dict] | None = None,
+                **kw) -> list[dict]:
+    """One :func:`result_row` per ``keys`` group of ``df``: ``value`` averaged per seed (over tasks, where a group
+    has several), then mean ± std over seeds. ``table`` is a name or ``table(key)``; ``method(key)`` names the row
+    (default: the key's parts joined by " / "); ``extra(group)`` adds columns (trainable, wall time)."""
+    rows = []
+    for k, d in df.groupby(list(keys), sort=False):
+        k = k if isinstance(k, tuple) else (k,)
+        name = method(*k) if method else " / ".join(map(str, k))
+        if name is None:
+            continue
+        rows.append(result_row(table(*k) if callable(table) else table, name, d.groupby("seed", sort=False)[value].mean(),
+                               **kw, **(extra(d) if extra else {})))
+    return rows
+
+
+def finish(setup, metrics: dict | None = None, results: Sequence[dict] | None = None) -> Path:
+    """Write metrics.json (``dry_run`` and ``results`` always present) and move the outputs into place."""
+    path = setup.run.finish({"dry_run": setup.dry, **(metrics or {}), "results": list(results or [])})
+    print("wrote", path.relative_to(path.parents[3]))
+    return path
+
+
+# ---- 90_results: every notebook's rows beside the published ones -----------------------------------------
+
+def collect(profile: str, outputs: Path | None = None) -> pd.DataFrame:
+    """Every notebook's ``metrics["results"]`` rows for ``profile``, with the run's backbone and data."""
+    from vitadapt.paths import OUTPUTS
+    rows = []
+    for m in sorted((outputs or OUTPUTS / profile).glob("*/metrics.json")):
+        blob = json.loads(m.read_text())
+        run = blob.get("run", {})
+        src = run.get("sources", {})
+        backbone = (src.get("weights") or {}).get("weights_used", run.get("config", {}).get("weights", "?"))
+        data = (src.get("data") or {}).get("dataset", run.get("config", {}).get("dataset", "?"))
+        for r in blob.get("metrics", {}).get("results", []) or []:
+            rows.append({"notebook": m.parent.name, "ours": f"{profile}, {backbone}, {data}", **r})
+    return pd.DataFrame(rows)
+
+
+def paper_vs_ours(ours: pd.DataFrame) -> pd.DataFrame:
+    """Our rows joined to the published numbers on (table, method); rows without a paper value keep NaN; a
+    "like for like" column (only trainable-parameter counts are) and "ours (mean ± std)" as text."""
+    from vitadapt.papers import numbers
+    paper = numbers().drop(columns=["paper_name", "metric"])
+    table = paper.assign(mean=float("nan")) if ours is None or not len(ours) else \
+        ours.merge(paper, on=["table", "method"], how="outer")
+    table["like for like"] = table["table"].eq("Trainable parameters")
+    table["ours (mean ± std)"] = table.apply(_ours_text, axis=1) if ours is not None and len(ours) else ""
+    cols = ["table", "method", "paper", "paper label", "paper setting", "ours (mean ± std)", "ours", "like for like"]
+    return table[[c for c in cols if c in table]].sort_values(["table", "method"]).reset_index(drop=True)
+
+
+def _ours_text(r) -> str:
+    status = r.get("status") if isinstance(r.get("status"), str) else ""       # "diverged" / "1 of 3 diverged"
+    if pd.isna(r.get("mean")):
+        return status
+    if r.get("metric") == "parameters":
+        return f"{r['mean']:,.0f}"
+    return f"{r['mean']:.1f} ± {r['std']:.1f} (n={int(r['n'])}" + (f"; {status})" if status else ")")

@@ -1,0 +1,119 @@
+"""Set-up shared by every notebook: the config, torch, the run record, the dry-run decision, data and backbone.
+
+A notebook's second cell is ``S = start(NOTEBOOK, Config, profile, **parameters)``; ``S.cfg`` is the validated
+config, ``S.run`` the :class:`~vitadapt.results.Run` (outputs written atomically), ``S.dry`` why the run stops
+before training (``None``: it runs). Data and weight sources are recorded with :meth:`Setup.use`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from vitadapt.config import ExperimentConfig, build_config
+from vitadapt.data import DataMissingError, Splits, get_dataset, subsample
+
+
+def setup_torch(threads: int | None = None) -> None:
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.use_deterministic_algorithms(False)
+
+
+def brief(err, limit: int = 160) -> str:
+    """An error's first clause (up to ';'), cut at ``limit`` characters with a visible '…' (a dry-run reason)."""
+    text = str(err).split(";")[0].strip()
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def dataset(cfg: ExperimentConfig, name: str | None = None, download: bool = True) -> Splits:
+    """The whole splits of dataset ``name`` (default ``cfg.dataset``; ``kind:task`` for VTAB-1k / FGVC tasks) at
+    ``cfg.data_size``; ``cfg.data_root`` applies to ``cfg.dataset`` only."""
+    name = name or cfg.dataset
+    kw = dict(size=cfg.data_size, seed=0, download=download, n_train_per_class=cfg.n_train_per_class,
+              n_val_per_class=cfg.n_val_per_class, n_test_per_class=cfg.n_test_per_class)
+    if ":" in name:
+        kind, task = name.split(":", 1)
+        return get_dataset(kind, task=task, **kw)
+    return get_dataset(name, root=cfg.data_root if name == cfg.dataset else "", **kw)
+
+
+def labelled(cfg: ExperimentConfig, seed: int, name: str | None = None,
+             n_per_class: tuple[int, int, int] | None = None) -> Splits:
+    """The labelled splits for ``seed``: per-class subsets (train varies with the seed; val and test do not) of
+    ``n_per_class`` = (train, val, test) images, default the config's."""
+    splits = dataset(cfg, name)
+    n = n_per_class or (cfg.n_train_per_class, cfg.n_val_per_class, cfg.n_test_per_class)
+    return subsample(splits, seed, *n) if splits.classes else splits
+
+
+def backbone(cfg: ExperimentConfig, weights: str | None = None, arch_kwargs: dict | None = None, **kw):
+    """``(model, info)`` of ``weights`` (default ``cfg.weights``) on ``cfg.arch`` at ``cfg.img_size``."""
+    from vitadapt.models import create_backbone
+    return create_backbone(weights or cfg.weights, cfg.arch, cfg.img_size,
+                           cfg.arch_kwargs if arch_kwargs is None else arch_kwargs, **kw)
+
+
+def chance(splits: Splits) -> float:
+    return 1.0 / max(1, len(splits.classes))
+
+
+def dry_run_reason(cfg: ExperimentConfig, needs: dict[str, Callable[[], object]] | None = None) -> str | None:
+    """Why the run stops after building and validating (None: it runs). ``dry_run="auto"`` probes, without
+    downloading, each of ``needs`` ({what: probe}; default ``cfg.needs()``, else the dataset) and, for hub
+    weights, the timm hub."""
+    if cfg.dry_run == "yes":
+        return "dry_run='yes'"
+    if cfg.dry_run == "no":
+        return None
+    if needs is None:
+        needs = cfg.needs() if hasattr(cfg, "needs") else {f"dataset {cfg.dataset!r}": lambda: dataset(cfg, download=False)}
+    missing = []
+    for what, probe in needs.items():
+        try:
+            probe()
+        except (DataMissingError, FileNotFoundError) as e:
+            missing.append(f"{what} ({brief(e, 140)})")
+    from vitadapt.models import WEIGHTS, hub_reachable
+    src = WEIGHTS.get(cfg.weights)
+    if src is not None and src.kind == "hub" and not hub_reachable():
+        missing.append(f"weights {cfg.weights!r} (need the timm hub, not reachable from here)")
+    return ("not available here: " + "; ".join(missing)) if missing else None
+
+
+@dataclass
+class Setup:
+    """What a notebook's second cell builds: the config, the run record and the dry-run decision."""
+    notebook: str
+    cfg: ExperimentConfig
+    run: object
+    dry: str | None
+
+    def use(self, kind: str, record: dict) -> None:
+        """Record a data or weight source (kept in metrics.json, shown by 90_results)."""
+        self.run.use(kind, record)
+
+    def source(self, kind: str) -> dict:
+        return dict(self.run.sources.get(kind) or {})
+
+    @property
+    def weights_used(self) -> str:
+        """The weights actually loaded (after ``auto`` and offline fallbacks), or the configured ones."""
+        return str(self.source("weights").get("weights_used", self.cfg.weights))
+
+
+def start(notebook: str, config_cls: type[ExperimentConfig], profile: str, threads: int | None = None,
+          quiet: bool = False, **params) -> Setup:
+    """Build and validate the config (bad values fail here, before any work), set torch up (``threads``; tiny
+    smoke models run on one), open the run record and decide whether this is a dry run."""
+    from vitadapt.results import Run
+    cfg = build_config(config_cls, profile, notebook, **params)
+    setup_torch(threads if threads is not None else (getattr(cfg, "threads", 0) or
+                                                     (1 if cfg.profile == "smoke" else None)))
+    run = Run(notebook, cfg, quiet=quiet)
+    dry = dry_run_reason(cfg)
+    if not quiet:
+        print("dry run:", dry or "no")
+    return Setup(notebook, cfg, run, dry)

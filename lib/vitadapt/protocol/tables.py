@@ -1,0 +1,82 @@
+"""Tables over seeds: ``mean ± std`` (a group where every seed diverged reads "diverged", one where some did says
+how many), paired deltas to a reference, and mean costs."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from vitadapt.jobs import DIVERGED, mean_std_text
+
+
+def order(df: pd.DataFrame, col: str) -> list:
+    """The values of ``col`` in order of first appearance."""
+    return list(dict.fromkeys(df[col]))
+
+
+def mean_std(df: pd.DataFrame, index: str | list[str], columns: str | None = None, value: str = "test_acc",
+             digits: int = 3, signed: bool = False) -> pd.DataFrame:
+    """``mean ± std`` of ``value`` over the seeds of each ``index`` group, one column per value of ``columns`` (as
+    pandas' ``unstack`` orders them; reorder with :func:`order`)."""
+    index = [index] if isinstance(index, str) else list(index)
+    keys = index + ([columns] if columns else [])
+    out = df.groupby(keys, sort=False)[value].apply(lambda v: mean_std_text(v, digits, signed))
+    if not columns:
+        return out.to_frame(value)
+    return out.unstack(columns)
+
+
+def paired_delta(df: pd.DataFrame, by: str, reference: str | None = None, columns: str = "eval",
+                 value: str = "test_acc", digits: int = 3) -> pd.DataFrame:
+    """Per-seed difference of ``value`` to the ``reference`` row (default: the first), then ``mean ± std`` over
+    seeds: paired, so seed-to-seed variation of the data cancels. A diverged seed on either side is lost."""
+    ref = reference or order(df, by)[0]
+    wide = df.pivot_table(index=[by, "seed"], columns=columns, values=value, dropna=False)
+    d = wide.sub(wide.xs(ref, level=0), level=1)
+    out = d.groupby(level=0, sort=False).agg(lambda v: mean_std_text(v, digits, signed=True))
+    out.columns.name = None
+    return out.reindex([v for v in order(df, by) if v != ref])[[c for c in order(df, columns) if c in out.columns]]
+
+
+def means(runs: pd.DataFrame, by: str, cols: Sequence[str], ints: Sequence[str] = (),
+          digits: dict | int = 3) -> pd.DataFrame:
+    """Mean of the numeric ``cols`` (those present) per ``by`` over seeds: a cost table. ``ints`` are rounded to
+    integers; ``digits`` a number or {column: digits}."""
+    df = runs[[by] + [c for c in cols if c in runs]].copy()
+    for c in df.columns[1:]:
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    out = df.groupby(by, sort=False).mean()
+    for c in ints:
+        if c in out:
+            out[c] = out[c].round().astype("Int64")
+    return out.round(digits)
+
+
+def mean_or_lost(v) -> float:
+    """Mean over seeds; NaN (shown "diverged") when any seed diverged: a partial mean is no result."""
+    return float(np.mean(v)) if len(v) else float("nan")
+
+
+def show_lost(table: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
+    """``table`` with the NaN of ``cols`` written "diverged" (only where a run diverged; else unchanged)."""
+    cols = [c for c in cols if c in table.columns and table[c].isna().any()]
+    if not cols:
+        return table
+    out = table.astype({c: object for c in cols})
+    for c in cols:
+        out[c] = out[c].where(table[c].notna(), DIVERGED)
+    return out
+
+
+def per_task(df: pd.DataFrame, key: str, value: str = "test_acc", scale: float = 100.0) -> pd.DataFrame:
+    """``key`` x task table of the mean over seeds (NaN where any seed diverged), times ``scale``."""
+    return df.pivot_table(index=key, columns="task", values=value, aggfunc=mean_or_lost, sort=False,
+                          dropna=False) * scale
+
+
+def seed_std(df: pd.DataFrame, key: str, index, value: str = "test_acc", scale: float = 100.0) -> pd.Series:
+    """Std over seeds of the per-seed mean over tasks (0 with one seed), aligned to ``index``."""
+    seed_means = df.groupby([key, "seed"], sort=False)[value].agg(mean_or_lost).unstack() * scale
+    return seed_means.std(1, ddof=1).reindex(index).fillna(0.0)
