@@ -9,10 +9,11 @@ import torch
 import vitadapt.finetune as ft
 from vitadapt.data import Splits, Subset
 from vitadapt.data.synthetic import SyntheticShapes
-from vitadapt.finetune import (HeadOnly, TailViT, TensorSet, embed_tokens, evaluate, finetune_classifier, fresh_head,
-                               materialize, pooled_features, run_blocks, select_then_test)
+from vitadapt.finetune import (TensorSet, embed_tokens, evaluate, finetune_classifier, materialize, pooled_features,
+                               run_blocks, select_then_test)
 from vitadapt.peft.baselines import build
 from vitadapt.peft.common import count_trainable
+from vitadapt.vit import HeadOnly, TailViT, encode_tokens, fresh_head, meta_vit, set_drop_path
 
 C = 4
 
@@ -166,6 +167,24 @@ def test_peft_builders_adapt_a_tail_and_training_it_matches_a_frozen_prefix(tiny
         assert count_trainable(m) > 0, name
     fresh_head(vit, 7)
     assert vit.get_classifier().out_features == 7 and vit(data.val.x[:2]).shape == (2, 7)
+
+
+def test_vit_surgery_helpers(tiny_vit, data):
+    vit = tiny_vit(num_classes=C, depth=3).eval()
+    x = data.val.x[:2]
+    # encode_tokens is the tail of timm's forward_features (after the position embedding)
+    torch.testing.assert_close(encode_tokens(vit, vit._pos_embed(vit.patch_embed(x))), vit.forward_features(x))
+    # set_drop_path: 0 on the first block, rising linearly to the rate on the last
+    set_drop_path(vit, 0.2)
+    assert isinstance(vit.blocks[0].drop_path1, torch.nn.Identity)
+    assert [b.drop_path2.drop_prob for b in vit.blocks[1:]] == pytest.approx([0.1, 0.2])
+    set_drop_path(vit, 0.0)
+    assert all(isinstance(b.drop_path1, torch.nn.Identity) for b in vit.blocks)
+    # meta_vit: shapes without weights, no head
+    m = meta_vit("vit_tiny_patch16_224", img_size=32, depth=2)
+    assert next(m.parameters()).is_meta and isinstance(m.head, torch.nn.Identity) and len(m.blocks) == 2
+    # the old import path of fresh_head/TailViT/HeadOnly still works (lib/vitadapt/experiments/* use it)
+    assert (ft.fresh_head, ft.TailViT, ft.HeadOnly) == (fresh_head, TailViT, HeadOnly)
 
 
 def test_evaluate_on_pil_needs_img_size(tiny_vit):

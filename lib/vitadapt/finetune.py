@@ -7,7 +7,8 @@ drop-path inside the blocks, optional light augmentation (random resized crop + 
 each evaluation set once.
 
 Drop-path is a property of the timm model: the caller sets it when the model is created, i.e.
-``create_backbone(..., num_classes=C, drop_path_rate=0.1)``; it is active in ``model.train()`` only.
+``create_backbone(..., num_classes=C, drop_path_rate=0.1)``, or later with :func:`vitadapt.vit.set_drop_path`;
+it is active in ``model.train()`` only.
 
 :func:`select_then_test` is the VTAB-1k protocol without test leakage: every (lr, weight decay) of a small grid
 is trained on ``train`` and scored on ``val``; the best on val (ties: the first in grid order) is retrained from
@@ -17,13 +18,13 @@ Speed, for small CPU runs (all exact, no approximation):
 
 - Datasets of PIL images are turned into tensors once (:func:`materialize`, the evaluation transform) and
   reused by every grid point and seed, unless ``augment`` needs the images or they would not fit in memory.
-- :func:`embed_tokens` / :func:`run_blocks` / :class:`TailViT` split a timm ViT into a frozen prefix (patch
-  embedding and the first blocks, run once per image, outputs cached) and a trainable tail (the last blocks,
-  the final norm and the head). With no augmentation and the prefix frozen, training the tail on cached tokens
-  gives exactly what training the whole model with those blocks frozen would. Callers that adapt only the last
-  blocks (a departure from the papers: say so) save the prefix's forward and backward cost.
+- :func:`embed_tokens` / :func:`run_blocks` / :class:`vitadapt.vit.TailViT` split a timm ViT into a frozen
+  prefix (patch embedding and the first blocks, run once per image, outputs cached) and a trainable tail (the
+  last blocks, the final norm and the head). With no augmentation and the prefix frozen, training the tail on
+  cached tokens gives exactly what training the whole model with those blocks frozen would. Callers that adapt
+  only the last blocks (a departure from the papers: say so) save the prefix's forward and backward cost.
 - The linear probe only trains the head: its inputs can be the cached pooled features (:func:`pooled_features`,
-  :class:`HeadOnly`).
+  :class:`vitadapt.vit.HeadOnly`).
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from vitadapt.eval import IMAGENET_MEAN, IMAGENET_STD, Transformed, eval_transform
 from vitadapt.peft.common import count_trainable
 from vitadapt.train import Diverged, fit, job, make_fabric, seed_everything
+from vitadapt.vit import TailViT
+# old import paths, kept until lib/vitadapt/experiments/* import these from vitadapt.vit; then delete this line
+from vitadapt.vit import HeadOnly, fresh_head  # noqa: F401
 
 __all__ = ["TensorSet", "materialize", "train_transform", "finetune_classifier", "select_then_test", "evaluate",
-           "TailViT", "HeadOnly", "embed_tokens", "run_blocks", "pooled_features", "fresh_head", "concat"]
+           "embed_tokens", "run_blocks", "pooled_features", "concat"]
 
 MATERIALIZE_LIMIT_BYTES = 2 * 2**30
 
@@ -120,74 +124,7 @@ def concat(a: Dataset, b: Dataset) -> Dataset:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Frozen prefix / trainable tail of a timm ViT
-
-def fresh_head(model: nn.Module, num_classes: int) -> nn.Module:
-    """Replace the classifier head by a new ``Linear(num_features, num_classes)`` (timm init: truncated normal,
-    std 0.02, zero bias) drawn from the current torch seed; returns the model."""
-    old = model.get_classifier()
-    dim = old.in_features if isinstance(old, nn.Linear) else model.num_features
-    head = nn.Linear(dim, num_classes)
-    nn.init.trunc_normal_(head.weight, std=0.02)
-    nn.init.zeros_(head.bias)
-    p = next(model.parameters(), None)
-    if p is not None:
-        head = head.to(p.device)
-    model.head = head
-    if hasattr(model, "num_classes"):
-        model.num_classes = num_classes
-    return model
-
-
-class TailViT(nn.Module):
-    """The blocks ``start:`` of a timm VisionTransformer, its final norm, pooling and head, applied to the
-    tokens the blocks ``:start`` produced. The modules are the ViT's own (not copies): deep-copy the ViT first
-    to keep it. Exposes ``blocks``, ``norm``, ``head``, ``get_classifier()``, so every PEFT builder of
-    :mod:`vitadapt.peft` adapts it as it would the whole ViT (without the patch embedding)."""
-
-    def __init__(self, vit: nn.Module, start: int):
-        super().__init__()
-        if getattr(vit, "attn_pool", None) is not None:
-            raise ValueError("TailViT does not support attention pooling (global_pool='map')")
-        n = len(vit.blocks)
-        if not 0 <= start <= n:
-            raise ValueError(f"start={start} out of range; valid: 0 <= start <= {n}")
-        self.start = start
-        self.blocks = nn.Sequential(*list(vit.blocks)[start:])
-        self.norm, self.fc_norm, self.head_drop, self.head = vit.norm, vit.fc_norm, vit.head_drop, vit.head
-        self.global_pool, self.num_prefix_tokens = vit.global_pool, vit.num_prefix_tokens
-        self.pool_include_prefix = getattr(vit, "pool_include_prefix", False)
-        self.num_features = vit.num_features
-        self.num_classes = getattr(vit, "num_classes", 0)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def pre_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        from timm.layers import global_pool_nlc
-        x = self.norm(self.blocks(tokens))
-        x = global_pool_nlc(x, pool_type=self.global_pool, num_prefix_tokens=self.num_prefix_tokens,
-                            reduce_include_prefix=self.pool_include_prefix)
-        return self.head_drop(self.fc_norm(x))
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pre_logits(tokens))
-
-
-class HeadOnly(nn.Module):
-    """A classifier head on pooled features (the linear probe on cached features)."""
-
-    def __init__(self, head: nn.Linear):
-        super().__init__()
-        self.head = head
-        self.num_features = head.in_features
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x)
-
+# Frozen prefix of a timm ViT on cached tensors (the trainable tail: vitadapt.vit.TailViT)
 
 def _device(fabric) -> torch.device:
     return fabric.device if fabric is not None else torch.device("cpu")
@@ -282,9 +219,11 @@ def finetune_classifier(model: nn.Module, train_ds: Dataset, eval_sets: dict[str
     """Fine-tune the trainable parameters of ``model`` on ``train_ds`` and score every set in ``eval_sets``.
 
     ``model`` must end in a classification head with ``num_classes`` outputs (``create_backbone(...,
-    num_classes=C)``, or :func:`fresh_head`); drop-path is set when the model is created (``drop_path_rate=``).
+    num_classes=C)``, or :func:`vitadapt.vit.fresh_head`); drop-path is set when the model is created
+    (``drop_path_rate=``).
     Datasets are PIL ``(image, label)`` datasets (turned into tensors with the evaluation transform, once) or
-    :class:`TensorSet` (images, tokens for a :class:`TailViT`, or features for a :class:`HeadOnly`).
+    :class:`TensorSet` (images, tokens for a :class:`~vitadapt.vit.TailViT`, or features for a
+    :class:`~vitadapt.vit.HeadOnly`).
 
     ``steps`` or ``epochs`` (exactly one; an epoch is ``len(train) // batch_size`` steps, the last partial
     batch dropped); ``warmup``: a fraction (< 1) of the steps, or a number of steps; AdamW with decay on
@@ -299,7 +238,7 @@ def finetune_classifier(model: nn.Module, train_ds: Dataset, eval_sets: dict[str
     out_dim = _head_out(model)
     if out_dim is None:
         raise ValueError("the model has no classification head: create it with create_backbone(..., num_classes=C) "
-                         "or call vitadapt.finetune.fresh_head(model, C)")
+                         "or call vitadapt.vit.fresh_head(model, C)")
     if out_dim != num_classes:
         raise ValueError(f"the model's head has {out_dim} outputs but num_classes={num_classes}")
     for name, ds in [("train", train_ds), *eval_sets.items()]:

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitadapt.vit import encode_tokens
+
 CENTERING_CHOICES = ("centering", "sinkhorn")
 MASK_MODES = ("block", "random")
 
@@ -96,20 +98,7 @@ def vit_tokens(vit: nn.Module, images: Tensor, mask: Tensor | None = None,
         # torch.where keeps the mask token in the graph even when nothing is masked (DDP-safe)
         x = torch.where(m, mask_token.to(x.dtype).expand_as(x), x)
     x = vit._pos_embed(x)
-    return run_blocks(vit, x)
-
-
-def run_blocks(vit: nn.Module, x: Tensor) -> Tensor:
-    """patch_drop, norm_pre, the blocks (with timm's gradient checkpointing when the model has it on) and the
-    final norm: the tail of timm's ``forward_features``."""
-    x = vit.patch_drop(x)
-    x = vit.norm_pre(x)
-    if getattr(vit, "grad_checkpointing", False) and torch.is_grad_enabled():
-        from timm.models._manipulate import checkpoint_seq
-        x = checkpoint_seq(vit.blocks, x)
-    else:
-        x = vit.blocks(x)
-    return vit.norm(x)
+    return encode_tokens(vit, x)
 
 
 @contextlib.contextmanager

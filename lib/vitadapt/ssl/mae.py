@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitadapt.ssl.dinov2 import _rank, _wraps, find_vit, run_blocks
+from vitadapt.ssl.dinov2 import _rank, _wraps, find_vit
+from vitadapt.vit import encode_tokens
 
 
 def mae_decoder_state_dict(checkpoint: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -116,13 +117,11 @@ class MAEObjective(nn.Module):
                 warnings.warn("decoder_lora_rank > 0 on a randomly initialised decoder: only the LoRA matrices "
                               "of a random frozen decoder will train; pass decoder_state_dict (paper) or use "
                               "decoder_lora_rank=0", stacklevel=2)
-            from peft import LoraConfig, inject_adapter_in_model
+            from vitadapt.peft.lora import inject_lora
             for m in self.decoder_modules():
                 for p in m.parameters():
                     p.requires_grad_(False)
-            cfg = LoraConfig(r=decoder_lora_rank, lora_alpha=decoder_lora_alpha, lora_dropout=0.0,
-                             target_modules=["qkv"], bias="none")
-            self.decoder = inject_adapter_in_model(cfg, self.decoder)
+            self.decoder = inject_lora(self.decoder, ["qkv"], decoder_lora_rank, decoder_lora_alpha, 0.0)
             for n, p in self.decoder.named_parameters():
                 p.requires_grad_("lora_" in n)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
@@ -158,7 +157,7 @@ class MAEObjective(nn.Module):
         x = vit._pos_embed(vit.patch_embed(images))            # position embedding before dropping tokens
         P = self.num_prefix
         x = torch.cat([x[:, :P], get_at_index(x[:, P:], idx_keep)], dim=1)
-        return run_blocks(vit, x)
+        return encode_tokens(vit, x)
 
     def decode(self, latent: Tensor, idx_keep: Tensor, idx_mask: Tensor) -> Tensor:
         """Pixel predictions ``[B, n_masked, p*p*C]`` at the masked patches."""
