@@ -17,8 +17,9 @@ rlrr           RLRR + SSF (official setting)                                    
 =============  ===============================================================  ======================
 
 The peft tuners are injected with ``peft.inject_adapter_in_model`` on the plain timm module (no
-PeftModel wrapper), so the model keeps its timm interface. Merging: :func:`vitadapt.peft.rlrr.merge_rlrr`
-for rlrr/ssf; the peft layers have their own ``merge()``.
+PeftModel wrapper; LoRA through :func:`vitadapt.peft.lora.inject_lora`), so the model keeps its timm
+interface. Merging: :func:`vitadapt.peft.rlrr.merge_rlrr` for rlrr/ssf; the peft layers have their own
+``merge()``.
 """
 
 from __future__ import annotations
@@ -77,15 +78,14 @@ def lora(model: nn.Module, r: int = 8, alpha: float | None = None, target_module
          dropout: float = 0.0, train_head: bool = True) -> nn.Module:
     """LoRA (peft): ``W x + (alpha / r) B A x`` on each target Linear, ``A`` (r x in), ``B`` (out x r) = 0.
 
-    Default: r = 8, alpha = r, the fused qkv Linear only (one A/B pair for q, k and v together).
+    Default: r = 8, alpha = r, the fused qkv Linear only (one A/B pair for q, k and v together). Injected by
+    :func:`vitadapt.peft.lora.inject_lora` (``target_modules`` matched by name suffix, as peft does).
     """
-    from peft import LoraConfig, inject_adapter_in_model
+    from vitadapt.peft.lora import inject_lora
 
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r={r!r} is not valid; choose an integer >= 1")
-    cfg = LoraConfig(r=r, lora_alpha=r if alpha is None else alpha, target_modules=list(target_modules),
-                     lora_dropout=dropout, bias="none")
-    inject_adapter_in_model(cfg, model)
+    inject_lora(model, target_modules, r, r if alpha is None else alpha, dropout)
     return _only(model, "lora_", train_head)
 
 

@@ -6,6 +6,10 @@ The layers are peft's (``LoraConfig`` + ``inject_adapter_in_model`` on the plain
 its class and methods); here is only the ViT-specific part: which Linears (``targets`` by short name, Q/K/V
 after :func:`vitadapt.peft.qkv.split_qkv`), which blocks, the trainable set, and merging back into plain
 weights (then fusing qkv, so the result is a plain timm model).
+
+:func:`inject_lora` is the one place in the package that builds a peft ``LoraConfig`` and injects it: every
+LoRA (:func:`apply_lora`, ExPLoRA, the ``lora`` baseline on the fused qkv, UpStep, the MAE decoder) goes
+through it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch import nn
 from vitadapt.peft.common import count_trainable, freeze
 from vitadapt.peft.qkv import fuse_qkv, split_qkv
 
-__all__ = ["LORA_TARGETS", "apply_lora", "merge_lora", "has_lora", "lora_target_names"]
+__all__ = ["LORA_TARGETS", "apply_lora", "merge_lora", "has_lora", "lora_target_names", "inject_lora"]
 
 #: short target name -> module path inside a timm ``Block`` (after ``split_qkv``)
 LORA_TARGETS: dict[str, str] = {
@@ -102,6 +106,39 @@ def lora_target_names(model: nn.Module, targets: Sequence[str], blocks: Sequence
     return names
 
 
+def inject_lora(
+    model: nn.Module,
+    targets: Sequence[str],
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+) -> nn.Module:
+    """Wrap the ``nn.Linear`` modules ``targets`` of ``model`` with peft LoRA layers, in place; returns ``model``.
+
+    ``targets`` are matched as peft does: a module whose full name equals a target or ends with ``"." + target``
+    (``"qkv"`` hits every ``*.qkv``; ``"blocks.0.attn.qkv"`` that one). Each gets ``A`` (rank x in,
+    Kaiming-uniform, drawn from the torch RNG in module order) and ``B`` (out x rank, zeros): the model is
+    unchanged at init; scaling ``alpha / rank``. ``rank_pattern`` / ``alpha_pattern`` override rank / alpha for
+    the modules their (regex) keys match. peft leaves only the LoRA matrices with ``requires_grad``; the caller
+    then sets its own trainable set. Raises ValueError (peft's) when no module matches.
+    """
+    if isinstance(targets, str):
+        targets = (targets,)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(targets),
+        rank_pattern=dict(rank_pattern or {}),
+        alpha_pattern=dict(alpha_pattern or {}),
+        bias="none",
+        init_lora_weights=True,  # A Kaiming-uniform, B = 0: identity at init
+    )
+    return inject_adapter_in_model(config, model)
+
+
 def _inject(
     model: nn.Module,
     names: list[str],
@@ -120,18 +157,8 @@ def _inject(
             rank_pattern[key] = mlp_rank
         if mlp_alpha is not None:
             alpha_pattern[key] = mlp_alpha
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=names,  # exact full names: peft matches `key == name or key.endswith("." + name)`
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-        bias="none",
-        init_lora_weights=True,  # A Kaiming-uniform, B = 0: identity at init
-    )
-    inject_adapter_in_model(config, model)
-    return model
+    # exact full names: peft matches `key == name or key.endswith("." + name)`
+    return inject_lora(model, names, rank, alpha, dropout, rank_pattern, alpha_pattern)
 
 
 def _lora_params(model: nn.Module):

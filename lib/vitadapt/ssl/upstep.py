@@ -80,14 +80,14 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
 
 def apply_upstep_lora(model: nn.Module, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
                       target: str = "qkv") -> nn.Module:
-    """Inject LoRA (through peft) into the ``qkv`` projection of every block of a timm ViT, in place,
-    and freeze everything else. Returns the same (mutated) model.
+    """Inject LoRA (:func:`vitadapt.peft.lora.inject_lora`, peft's layers) into the ``qkv`` projection of every
+    block of a timm ViT, in place, and freeze everything else. Returns the same (mutated) model.
 
     Published: LoRA on the QKV projections. Our choices: the fused ``qkv`` Linear is adapted as one matrix
     (LoRA on [Wq; Wk; Wv]); ``alpha=None`` means ``alpha = rank`` (scale 1); no dropout. peft initialises
     ``B = 0``, so the adapted model equals the base model at init.
     """
-    import peft
+    from vitadapt.peft.lora import inject_lora
 
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank={rank!r} is not valid; it must be an integer >= 1")
@@ -102,8 +102,7 @@ def apply_upstep_lora(model: nn.Module, rank: int = 8, alpha: float | None = Non
     if blocks is not None and len(names) != len(blocks):
         raise ValueError(f"found {len(names)} Linear layers named {target!r} for {len(blocks)} blocks; expected one "
                          f"per block")
-    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
-    model = peft.inject_adapter_in_model(cfg, model)
+    model = inject_lora(model, names, rank, alpha, dropout)
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
     return model
