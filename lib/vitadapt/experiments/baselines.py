@@ -1,4 +1,5 @@
-"""01_baselines: frozen-backbone linear probe (C chosen on val) and kNN (k chosen on val) on the target."""
+"""01_baselines: frozen-backbone linear probe (C chosen on val) and kNN (k chosen on val) on the target, for the
+configured backbone and (the floor) a randomly initialised one of the same architecture."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from dataclasses import dataclass
 import pandas as pd
 
 from vitadapt.config import ExperimentConfig, opt
-from vitadapt.experiments.common import chance, frozen_eval, load_backbone, load_splits, summarize
+from vitadapt.protocol import figures, report, tables
+from vitadapt.protocol.probe import frozen_eval
+from vitadapt.protocol.setup import backbone, chance, labelled
 
 
 @dataclass
@@ -17,36 +20,42 @@ class BaselineConfig(ExperimentConfig):
     compare_random: bool = opt(True, "Also evaluate a randomly initialised backbone of the same architecture (the floor).")
 
 
-def run_baselines(cfg: BaselineConfig, run=None, progress: bool = False) -> pd.DataFrame:
+def run_baselines(cfg: BaselineConfig, setup=None, progress: bool = False) -> pd.DataFrame:
     """One row per (backbone, seed, evaluation)."""
     rows = []
-    backbones = [cfg.weights] + (["random"] if cfg.compare_random and cfg.weights != "random" else [])
-    for weights in backbones:
-        model, info = load_backbone(cfg, weights)
-        if run is not None:
-            run.use("weights" if weights == cfg.weights else f"weights[{weights}]", info)
+    for weights in [cfg.weights] + (["random"] if cfg.compare_random and cfg.weights != "random" else []):
+        model, info = backbone(cfg, weights)
+        if setup is not None:
+            setup.use("weights" if weights == cfg.weights else f"weights[{weights}]", info)
         for seed in cfg.seeds:
-            splits = load_splits(cfg, seed=seed)
-            if run is not None and "data" not in run.sources:
-                run.use("data", splits.record())
-            for r in frozen_eval(cfg, model, info, splits, seed, cfg.probe_Cs, cfg.knn_ks, progress):
+            splits = labelled(cfg, seed)
+            if setup is not None and not setup.source("data"):
+                setup.use("data", splits.record())
+            for r in frozen_eval(cfg, model, info, splits, seed, progress=progress):
                 rows.append({"backbone": info["weights_used"], **r, "chance": chance(splits)})
     return pd.DataFrame(rows)
 
 
+def accuracy_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Test and validation accuracy, mean ± std over seeds, per (backbone, eval); seeds; chance."""
+    out = tables.mean_std(df, ["backbone", "eval"], value="test_acc")
+    out["val_acc"] = tables.mean_std(df, ["backbone", "eval"], value="val_acc")["val_acc"]
+    out["n_seeds"] = df.groupby(["backbone", "eval"], sort=False).size()
+    out["chance"] = round(df["chance"].iloc[0], 3)
+    return out
+
+
+def plot_accuracy(df: pd.DataFrame, title: str = ""):
+    return figures.bars(df, x="eval", panels=None, hue="backbone", chance=float(df["chance"].iloc[0]), title=title,
+                        rotation=0)
+
+
 def result_rows(df: pd.DataFrame, configured: str) -> list[dict]:
-    """Rows for the results notebook: the configured backbone as "linear probe" / "kNN", the random
-    backbone as "... (random init)"."""
-    from vitadapt.results import result_row
-    rows = []
-    for (bb, ev), g in df.groupby(["backbone", "eval"], sort=False):
-        method = ev if bb == configured else f"{ev} (random init)"
-        rows.append(result_row("Frozen baselines", method, g["test_acc"], backbone=bb))
-    return rows
+    """The configured backbone as "linear probe" / "kNN", the random one as "... (random init)"."""
+    return report.result_rows(df, "Frozen baselines", ["backbone", "eval"],
+                              method=lambda bb, ev: ev if bb == configured else f"{ev} (random init)",
+                              extra=lambda d: {"backbone": d["backbone"].iloc[0]})
 
 
 def summary(df: pd.DataFrame) -> dict:
-    out = {}
-    for (bb, ev), g in df.groupby(["backbone", "eval"], sort=False):
-        out[f"{bb}/{ev}"] = summarize(g["test_acc"])
-    return out
+    return report.summary(df, ["backbone", "eval"])

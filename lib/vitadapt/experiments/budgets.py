@@ -8,15 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pandas as pd
-import timm
-import torch
 
 from vitadapt.config import ExperimentConfig, opt
-from vitadapt.peft import count_total, count_trainable
+from vitadapt.papers import COUNTS as PUBLISHED
 from vitadapt.peft.baselines import build
 from vitadapt.peft.explora import apply_explora
 from vitadapt.peft.lora import apply_lora
 from vitadapt.peft.rlrr import apply_rlrr
+from vitadapt.protocol import counts
 
 ARCHS = {  # label: (timm name, kwargs)
     "ViT-B/16": ("vit_base_patch16_224", {}),
@@ -24,17 +23,7 @@ ARCHS = {  # label: (timm name, kwargs)
     "ViT-L/16": ("vit_large_patch16_224", {}),
     "ViT-H/14": ("vit_huge_patch14_224", {}),
 }
-
-# (method, architecture) -> (published trainable count, where it is published)
-PUBLISHED = {
-    ("ExPLoRA D-[L]-r64 (pre-training)", "ViT-L/14 (DinoV2)"): (18.7e6, "ExPLoRA, fMoW table: 18.7M"),
-    ("LoRA r8 q,v (fine-tune, no head)", "ViT-L/14 (DinoV2)"): (786_432, "ExPLoRA recipe (REFERENCE.md): 786,432 + head"),
-    ("RLRR (no head)", "ViT-B/16"): (0.33e6, "RLRR VTAB-1k: 0.33M incl. heads (averaged over tasks)"),
-    ("LoRA r8 qkv (no head)", "ViT-B/16"): (0.29e6, "RLRR VTAB-1k table: LoRA 0.29M"),
-    ("full fine-tune (no head)", "ViT-B/16"): (85.8e6, "RLRR VTAB-1k table: 85.8M"),
-    ("SSF (no head)", "ViT-B/16"): (0.24e6, "RLRR VTAB-1k table: SSF 0.24M"),
-}
-
+TABLE = "Trainable parameters"     # the published counts: vitadapt.papers, method "<method> | <architecture>"
 METHODS = {
     "ExPLoRA D-[L]-r64 (pre-training)": lambda m: apply_explora(m, unfreeze_blocks=(-1,), rank=64),
     "ExPLoRA [L] only, no LoRA": lambda m: apply_explora(m, unfreeze_blocks=(-1,), rank=64, targets=()),
@@ -65,10 +54,7 @@ class BudgetConfig(ExperimentConfig):
 def count(method: str, arch: str) -> tuple[int, int]:
     """(trainable, total) parameters of ``method`` on ``arch`` without a head, built on the meta device."""
     name, kw = ARCHS[arch]
-    with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, num_classes=0, **kw)
-        model = METHODS[method](model)
-    return count_trainable(model), count_total(model)
+    return counts.trainable(name, METHODS[method], arch_kwargs=kw)
 
 
 def budget_table(archs, methods) -> pd.DataFrame:
@@ -76,8 +62,15 @@ def budget_table(archs, methods) -> pd.DataFrame:
     for arch in archs:
         for method in methods:
             trainable, total = count(method, arch)
-            pub = PUBLISHED.get((method, arch))
+            pub = next((n for n in PUBLISHED if n.method == f"{method} | {arch}"), None)
             rows.append({"architecture": arch, "method": method, "trainable (ours)": trainable,
                          "share of model": trainable / total,
-                         "published": pub[0] if pub else None, "published where": pub[1] if pub else ""})
+                         "published": pub.value if pub else None, "published where": pub.setting if pub else ""})
     return pd.DataFrame(rows)
+
+
+def result_rows(table: pd.DataFrame) -> list[dict]:
+    """Exact counts (n = 1, no spread) as rows of the shared results schema."""
+    return [{"table": TABLE, "method": f"{r['method']} | {r['architecture']}", "metric": "parameters",
+             "mean": r["trainable (ours)"], "std": 0.0, "n": 1, "trainable": r["trainable (ours)"]}
+            for _, r in table.iterrows()]

@@ -10,6 +10,8 @@ import pandas as pd
 from vitadapt.config import ExperimentConfig, _dataset_names, opt
 from vitadapt.data import DATASETS, DataMissingError, get_dataset
 from vitadapt.models import WEIGHTS, count_params
+from vitadapt.protocol.probe import frozen_eval
+from vitadapt.protocol.setup import chance
 
 
 @dataclass
@@ -73,6 +75,23 @@ def class_counts(splits) -> pd.DataFrame:
         t = np.asarray(getattr(splits, part).targets)
         data[part] = [int((t == c).sum()) for c in range(len(splits.classes))]
     return pd.DataFrame(data, index=pd.Index(splits.classes, name="class"))
+
+
+def plot_class_counts(counts: pd.DataFrame, name: str):
+    ax = counts.plot.bar(stacked=True, figsize=(10, 3), width=0.8)
+    ax.set_ylabel("images")
+    ax.set_title(f"{name}: images per class and split")
+    return ax.figure
+
+
+def sanity(cfg, models: dict, splits, seed: int) -> tuple[pd.DataFrame, list[dict]]:
+    """Linear probe and kNN test accuracy of each backbone of ``models`` ({name: (model, info)}) on frozen
+    features, beside chance; and the rows."""
+    rows = [{"backbone": f"{name}: {info['weights_used']}", **r}
+            for name, (model, info) in models.items() for r in frozen_eval(cfg, model, info, splits, seed)]
+    table = pd.DataFrame(rows).pivot(index="backbone", columns="eval", values="test_acc").round(3)
+    table["chance"] = round(chance(splits), 3)
+    return table, rows
 
 
 def parameter_table(models: dict) -> pd.DataFrame:

@@ -15,16 +15,18 @@ from vitadapt.protocol.tables import order as first_seen
 def bars(df: pd.DataFrame, x: str, y: str = "test_acc", panels: str | None = "eval", hue: str | None = None,
          hue_order: Sequence | None = None, chance: float | pd.Series | None = None, title: str = "",
          ylabel: str = "test accuracy", ylim: tuple | None = (0, 1), palette=None, dodge: bool = True,
-         panel_width: float | None = None, rotation: int = 30, legend: bool = True):
+         panel_width: float | None = None, rotation: int = 30, legend: bool = True, ax=None):
     """One bar panel per value of ``panels`` (None: one panel): mean ``y`` per ``x`` (and ``hue``) over seeds,
     error bars the std. ``chance``: a dashed line (a number) or one per ``x`` (a Series). ``ylim=None`` draws a
-    zero line and scales to the data (for changes). Bars lost to divergence are named in place."""
+    zero line and scales to the data (for changes). Bars lost to divergence are named in place. ``ax``: draw the
+    (single) panel there, in a figure of the caller's."""
     import matplotlib.pyplot as plt
     import seaborn as sns
     names = first_seen(df, panels) if panels else [None]
     xs = first_seen(df, x)
     width = panel_width or max(3.6, 0.55 * len(xs) * (1 + 0.5 * bool(hue)) + 1.5)
-    fig, axes = plt.subplots(1, len(names), figsize=(width * len(names), 3.5), squeeze=False)
+    fig, axes = (ax.figure, [[ax]]) if ax is not None else \
+        plt.subplots(1, len(names), figsize=(width * len(names), 3.5), squeeze=False)
     for ax, name in zip(axes[0], names):
         d = df[df[panels] == name] if panels else df
         kw = dict(hue=hue, hue_order=hue_order or first_seen(d, hue), palette=palette, dodge=dodge) if hue else \
@@ -106,3 +108,40 @@ def finite_range(values, pad: tuple[float, float] = (0.1, 0.05), lo: float = 0.0
     v = np.asarray(values, float)
     v = v[np.isfinite(v)]
     return (lo, hi) if not len(v) else (max(lo, v.min() - pad[0]), min(hi, v.max() + pad[1]))
+
+
+def accuracy_vs_cost(rows: pd.DataFrame):
+    """90_results: accuracy of every result row with a trainable count, against trainable parameters and
+    against wall time (this machine), coloured by table. None when no row has a count."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    if not len(rows) or "trainable" not in rows:
+        return None
+    d = rows[pd.to_numeric(rows["trainable"], errors="coerce") > 0]
+    if not len(d):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    sns.scatterplot(d, x="trainable", y="mean", hue="table", style="table", ax=axes[0], s=60)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("trainable parameters")
+    axes[0].set_ylabel("accuracy (%)")
+    if "wall_time_s" in d and d["wall_time_s"].notna().any():
+        sns.scatterplot(d, x="wall_time_s", y="mean", hue="table", style="table", ax=axes[1], s=60, legend=False)
+        axes[1].set_xscale("log")
+        axes[1].set_xlabel("wall time (s, this machine)")
+    for _, r in d.iterrows():
+        axes[0].annotate(str(r["method"])[:18], (r["trainable"], r["mean"]), fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def table_bars(rows: pd.DataFrame, name: str):
+    """90_results: one results table's rows as bars, mean ± std over seeds (percent)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(rows)), 3))
+    ax.bar(range(len(rows)), rows["mean"], yerr=rows["std"], capsize=3, color=sns.color_palette("deep")[0])
+    ax.set_xticks(range(len(rows)), [str(m)[:22] for m in rows["method"]], rotation=40, ha="right", fontsize=7)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(name)
+    return fig

@@ -46,3 +46,35 @@ def frozen_eval(cfg, model, info: dict, splits, seed: int, device="cpu", progres
     """Rows ``{seed, eval, test_acc, val_acc, selected}`` of the linear probe and kNN on frozen features."""
     scores = score(cfg, split_features(features(cfg, model, info, device, progress=progress), splits), seed)
     return [{"seed": seed, "eval": ev, **r} for ev, r in scores.items()]
+
+
+def probe_head(cfg, model, info: dict, splits, seed: int):
+    """A linear head for a fine-tune that starts from the probe (LP-FT, Kumar et al. 2022), fitted on the features
+    the model's head sees (the CLS token after the final norm): multinomial logistic regression on standardised
+    training features, C among ``probe_Cs`` chosen on val, the standardisation folded into the weights. Features
+    come from the per-item cache :func:`frozen_eval` fills (``feature="cls+avg"``: its first ``embed_dim``
+    columns). Returns ``(weight [C, D], bias [C], C)``."""
+    import torch
+    from sklearn.preprocessing import StandardScaler
+
+    from vitadapt.eval import fit_logistic
+    if getattr(model, "global_pool", "token") != "token":
+        raise ValueError(f"ft_head_init='probe' needs a ViT whose head reads the CLS token (global_pool='token'), got "
+                         f"global_pool={model.global_pool!r}; use ft_head_init='fresh'")
+    get = features(cfg, model, info, feature=cfg.feature if cfg.feature in ("cls", "cls+avg") else "cls")
+    D = model.embed_dim
+    (Xtr, ytr), (Xva, yva) = get(splits.train), get(splits.val)
+    Xtr, Xva = Xtr[:, :D], Xva[:, :D]
+    scaler = StandardScaler().fit(Xtr)
+    mu, sd = (torch.as_tensor(a, dtype=torch.float32) for a in (scaler.mean_, scaler.scale_))
+    tr, va = (torch.as_tensor(scaler.transform(X), dtype=torch.float32) for X in (Xtr, Xva))
+    torch.manual_seed(seed)
+    best, Wb = None, None
+    for C in sorted(getattr(cfg, "probe_Cs", DEFAULT_CS)):
+        Wb = fit_logistic(tr, torch.as_tensor(ytr, dtype=torch.long), len(splits.classes), C, 100, Wb)
+        acc = float(((va @ Wb[0] + Wb[1]).argmax(1).numpy() == yva).mean())
+        if best is None or acc > best[0]:
+            best = (acc, C, Wb)
+    _, C, (W, b) = best
+    W_raw = W / sd[:, None]                                  # ((x - mu) / sd) W + b = x (W / sd) + (b - (mu / sd) W)
+    return W_raw.T.contiguous(), b - (mu / sd) @ W, C

@@ -88,3 +88,12 @@ def _ours_text(r) -> str:
     if r.get("metric") == "parameters":
         return f"{r['mean']:,.0f}"
     return f"{r['mean']:.1f} ± {r['std']:.1f} (n={int(r['n'])}" + (f"; {status})" if status else ")")
+
+
+def joined(shown: pd.DataFrame) -> dict[str, int]:
+    """Per results table, how many rows have both a published number and ours (what 90_results can compare)."""
+    if "mean" not in shown and "ours (mean ± std)" not in shown:
+        return {}
+    both = shown[shown["paper"].notna() & shown["ours (mean ± std)"].astype(str).ne("")
+                 & shown["ours (mean ± std)"].notna()]
+    return {str(k): int(v) for k, v in both.groupby("table", sort=True).size().items()}

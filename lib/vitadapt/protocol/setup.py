@@ -28,12 +28,15 @@ def brief(err, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
-def dataset(cfg: ExperimentConfig, name: str | None = None, download: bool = True) -> Splits:
+def dataset(cfg: ExperimentConfig, name: str | None = None, download: bool = True, sized: bool = True) -> Splits:
     """The whole splits of dataset ``name`` (default ``cfg.dataset``; ``kind:task`` for VTAB-1k / FGVC tasks) at
-    ``cfg.data_size``; ``cfg.data_root`` applies to ``cfg.dataset`` only."""
+    ``cfg.data_size``; ``cfg.data_root`` applies to ``cfg.dataset`` only. ``sized``: the config's per-class sizes
+    go to the source (the generated synthetic sets size their pools by them); False: the source's default pool."""
     name = name or cfg.dataset
-    kw = dict(size=cfg.data_size, seed=0, download=download, n_train_per_class=cfg.n_train_per_class,
-              n_val_per_class=cfg.n_val_per_class, n_test_per_class=cfg.n_test_per_class)
+    kw = dict(size=cfg.data_size, seed=0, download=download)
+    if sized:
+        kw.update(n_train_per_class=cfg.n_train_per_class, n_val_per_class=cfg.n_val_per_class,
+                  n_test_per_class=cfg.n_test_per_class)
     if ":" in name:
         kind, task = name.split(":", 1)
         return get_dataset(kind, task=task, **kw)
@@ -41,18 +44,20 @@ def dataset(cfg: ExperimentConfig, name: str | None = None, download: bool = Tru
 
 
 def labelled(cfg: ExperimentConfig, seed: int, name: str | None = None,
-             n_per_class: tuple[int, int, int] | None = None) -> Splits:
+             n_per_class: tuple[int, int, int] | None = None, sized: bool = True) -> Splits:
     """The labelled splits for ``seed``: per-class subsets (train varies with the seed; val and test do not) of
-    ``n_per_class`` = (train, val, test) images, default the config's."""
-    splits = dataset(cfg, name)
+    ``n_per_class`` = (train, val, test) images, default the config's (``sized``: see :func:`dataset`)."""
+    splits = dataset(cfg, name, sized=sized)
     n = n_per_class or (cfg.n_train_per_class, cfg.n_val_per_class, cfg.n_test_per_class)
     return subsample(splits, seed, *n) if splits.classes else splits
 
 
-def backbone(cfg: ExperimentConfig, weights: str | None = None, arch_kwargs: dict | None = None, **kw):
-    """``(model, info)`` of ``weights`` (default ``cfg.weights``) on ``cfg.arch`` at ``cfg.img_size``."""
+def backbone(cfg: ExperimentConfig, weights: str | None = None, arch_kwargs: dict | None = None,
+             arch: str | None = None, **kw):
+    """``(model, info)`` of ``weights`` (default ``cfg.weights``) on ``arch`` (default ``cfg.arch``) at
+    ``cfg.img_size``."""
     from vitadapt.models import create_backbone
-    return create_backbone(weights or cfg.weights, cfg.arch, cfg.img_size,
+    return create_backbone(weights or cfg.weights, arch or cfg.arch, cfg.img_size,
                            cfg.arch_kwargs if arch_kwargs is None else arch_kwargs, **kw)
 
 
@@ -105,15 +110,16 @@ class Setup:
 
 
 def start(notebook: str, config_cls: type[ExperimentConfig], profile: str, threads: int | None = None,
-          quiet: bool = False, **params) -> Setup:
+          quiet: bool = False, trains: bool = True, **params) -> Setup:
     """Build and validate the config (bad values fail here, before any work), set torch up (``threads``; tiny
-    smoke models run on one), open the run record and decide whether this is a dry run."""
+    smoke models run on one), open the run record and, for a notebook that ``trains`` on data, decide whether this
+    is a dry run (the others, reading only our own outputs or shapes, always run)."""
     from vitadapt.results import Run
     cfg = build_config(config_cls, profile, notebook, **params)
     setup_torch(threads if threads is not None else (getattr(cfg, "threads", 0) or
                                                      (1 if cfg.profile == "smoke" else None)))
     run = Run(notebook, cfg, quiet=quiet)
-    dry = dry_run_reason(cfg)
-    if not quiet:
+    dry = dry_run_reason(cfg) if trains else None
+    if trains and not quiet:
         print("dry run:", dry or "no")
     return Setup(notebook, cfg, run, dry)
