@@ -224,8 +224,3 @@ def knn_eval(Xtr, ytr, Xva, yva, Xte, yte, ks: Sequence[int] = (10, 20), T: floa
     scores = {k: float((knn_predict(Xtr, ytr, Xva, k, T, C) == yva).mean()) for k in ks}
     k = max(scores, key=scores.get)
     return {"test_acc": float((knn_predict(Xtr, ytr, Xte, k, T, C) == yte).mean()), "val_acc": scores[k], "k": k}
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    a = np.asarray(values, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0

@@ -47,7 +47,7 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import Dataset
 
 from vitadapt.data import (LAYOUTS, DataMissingError, FileList, Layout, Splits, Subset, find_root, get_dataset,
                            register, skipped_info, stratified_split)
@@ -488,10 +488,3 @@ def vtab_task(name: str, seed: int = 0, cfg=None, **overrides) -> Splits:
     counts = {"train": len(train), "val": len(val), "test": len(test)}
     return Splits(src.name, train, val, test, src.classes, src.source,
                   {**src.info, "split_seed": seed, **{f"n_{k}": v for k, v in counts.items()}})
-
-
-def train_val(splits: Splits) -> Dataset:
-    """The training and validation images together (the final VTAB-1k fit on all 1000)."""
-    ds = ConcatDataset([splits.train, splits.val])
-    ds.targets = list(splits.train.targets) + list(splits.val.targets)
-    return ds

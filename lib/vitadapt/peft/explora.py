@@ -38,7 +38,7 @@ from vitadapt.peft.lora import (
 )
 from vitadapt.peft.qkv import split_qkv
 
-__all__ = ["apply_explora", "merge_explora", "explora_param_groups", "normalize_block_indices"]
+__all__ = ["apply_explora", "merge_explora", "normalize_block_indices"]
 
 _TOKENS = ("cls_token", "reg_token")
 
@@ -157,23 +157,3 @@ def merge_explora(model: nn.Module) -> nn.Module:
     if "explora_config" in model.__dict__:
         del model.explora_config
     return model
-
-
-def explora_param_groups(model: nn.Module, weight_decay: float = 0.05) -> list[dict]:
-    """Optimizer groups over the trainable parameters: ``decay`` (matrices: LoRA A/B, unfrozen-block weights)
-    with ``weight_decay``, ``no_decay`` (biases, norms, layer-scale, CLS/register tokens) with 0.
-    Parameters without ``requires_grad`` are left out. Pass to ``torch.optim.AdamW``."""
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or n in _TOKENS or n.endswith(".gamma"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
-    ]
