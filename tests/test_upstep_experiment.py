@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from vitadapt.config import build_config
+from vitadapt.data.unlabelled import Unlabelled
 from vitadapt.eval import model_fingerprint
 from vitadapt.experiments import upstep as U
+from vitadapt.papers import CHOICES
+from vitadapt.protocol.setup import backbone, dry_run_reason
 
 pytest.importorskip("timm")
 
@@ -78,8 +81,8 @@ def test_ablation_variants_one_factor_at_a_time():
 def test_choices_table_names_every_switch():
     cfg = tiny_cfg()
     t = U.choices_table(cfg)
-    assert len(t) == len(U.CHOICES) and (t["this run"] != "").all()
-    for _, _, _, switch in U.CHOICES:    # every switch named in CHOICES is a config field
+    assert len(t) == len(CHOICES["UpStep"]) and (t["this run"] != "").all()
+    for _, _, _, switch in CHOICES["UpStep"]:    # every switch named in CHOICES is a config field
         first = switch.split(":")[0].split(",")[0].split(" ")[0].strip()
         assert hasattr(cfg, first), first
 
@@ -116,10 +119,10 @@ class PoisonedImages(torch.utils.data.Dataset):
 def test_adaptation_never_reads_labels_and_leaves_the_base_untouched():
     cfg = tiny_cfg(steps=3)
     splits = U.domain_splits(cfg, "synthetic", 0)
-    model, _ = U.load_backbone(cfg, verbose=False)
+    model, _ = backbone(cfg, verbose=False)
     before = model_fingerprint(model)
     poisoned = PoisonedImages(splits.train.base)
-    views = U.UnlabelledViews(poisoned, range(10), U.augment_for(cfg, "synthetic"))
+    views = Unlabelled(poisoned, range(10), U.augment_for(cfg, "synthetic"))
     item = views[0]
     assert isinstance(item, tuple) and len(item) == 2 and all(t.shape == (3, 32, 32) for t in item)
     ad = U.adapt(cfg, model, (poisoned, list(range(len(poisoned)))), seed=0, domain="synthetic")
@@ -230,10 +233,10 @@ def test_plan_counts_lora_and_head():
 
 
 def test_dry_run_reason():
-    assert U.dry_run_reason(tiny_cfg(dry_run="yes")) == "dry_run='yes'"
-    assert U.dry_run_reason(tiny_cfg(dry_run="no")) is None
-    assert U.dry_run_reason(tiny_cfg(dry_run="auto")) is None                 # synthetic + digits: always here
-    reason = U.dry_run_reason(tiny_cfg(dry_run="auto", domains=["vtab1k:dtd"]))
+    assert dry_run_reason(tiny_cfg(dry_run="yes")) == "dry_run='yes'"
+    assert dry_run_reason(tiny_cfg(dry_run="no")) is None
+    assert dry_run_reason(tiny_cfg(dry_run="auto")) is None                 # synthetic + digits: always here
+    reason = dry_run_reason(tiny_cfg(dry_run="auto", domains=["vtab1k:dtd"]))
     assert reason and "vtab1k:dtd" in reason
 
 
