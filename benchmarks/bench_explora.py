@@ -87,7 +87,7 @@ def worker(a) -> dict:
 
     from vitadapt.experiments import explora as E
     from vitadapt.peft.common import count_trainable
-    from vitadapt.train import seed_everything
+    from vitadapt.train import reset_peak_memory, seed_everything, status_mb
 
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     dev = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -124,7 +124,7 @@ def worker(a) -> dict:
             on_step(i, objective)
 
     sync()
-    level = E.reset_peak_memory(dev)
+    level = reset_peak_memory(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     i = 0
@@ -143,7 +143,7 @@ def worker(a) -> dict:
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) / 2**20
     else:
-        peak = E._status_mb("VmHWM") or 0.0
+        peak = status_mb("VmHWM") or 0.0
     opt_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
                     if torch.is_tensor(t))
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)

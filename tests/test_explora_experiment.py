@@ -12,11 +12,14 @@ import timm
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vitadapt import papers
 from vitadapt.config import build_config
+from vitadapt.data.unlabelled import Unlabelled
 from vitadapt.experiments import explora as E
 from vitadapt.peft.common import count_trainable
 from vitadapt.peft.lora import has_lora
 from vitadapt.peft.qkv import SplitQKV
+from vitadapt.protocol import figures, probe, setup, tables
 
 FAST = dict(n_train_per_class=4, n_val_per_class=2, n_test_per_class=3, probe_Cs=[1.0], knn_ks=[3], pretrain_steps=2,
             pretrain_batch_size=4, pretrain_lr=0.01, seeds=[0], ft_steps=2, ft_batch_size=8)
@@ -92,8 +95,8 @@ def test_profiles_build_for_every_notebook():
 # ----------------------------------------------------------------------------------------------- paper counts
 def test_paper_counts_on_the_meta_device():
     c = E.paper_counts()
-    assert c["explora_trainable"] == 18_724_864 == E.PAPER_COUNTS["explora_vitl14_L_r64_qv"]
-    assert c["finetune_lora_trainable"] == 786_432 == E.PAPER_COUNTS["finetune_lora_r8_qv_vitl14"]
+    assert c["explora_trainable"] == 18_724_864 == papers.EXACT_COUNTS["explora_vitl14_L_r64_qv"]
+    assert c["finetune_lora_trainable"] == 786_432 == papers.EXACT_COUNTS["finetune_lora_r8_qv_vitl14"]
     assert c["explora_groups"]["unfrozen_blocks"] == 12_598_272
     # the MAE ViT-L/16 has no layer-scale: the same rule gives 2 x 1024 fewer
     assert E.paper_counts("vit_large_patch16_224")["explora_trainable"] == 18_724_864 - 2048
@@ -143,7 +146,7 @@ class _Images(Dataset):
 
 def test_unlabelled_drops_labels_unread(dino_cfg):
     pool, idx = E.pretrain_pool(dino_cfg, 0)
-    ds = E.Unlabelled(_Images(pool), idx[:8], E.pretrain_transform(dino_cfg))
+    ds = Unlabelled(_Images(pool), idx[:8], E.pretrain_transform(dino_cfg))
     batch = next(iter(DataLoader(ds, batch_size=4)))
     assert isinstance(batch, list) and len(batch) == 2 + dino_cfg.n_local_crops
     assert batch[0].shape == (4, 3, 32, 32) and batch[2].shape == (4, 3, 16, 16)
@@ -256,8 +259,8 @@ def test_probe_head_reproduces_the_probe_on_images(tmp_path, dino_base):
     from vitadapt.finetune import evaluate, fresh_head, materialize
     cfg = make_cfg(tmp_path, ft_head_init="probe", probe_Cs=[0.1, 1.0])
     model, info = dino_base
-    splits = E.load_splits(cfg, seed=0)
-    W, b, C = E.probe_head(cfg, model, info, splits, 0)
+    splits = setup.labelled(cfg, 0)
+    W, b, C = probe.probe_head(cfg, model, info, splits, 0)
     assert W.shape == (10, model.embed_dim) and C in (0.1, 1.0)
     m = fresh_head(copy.deepcopy(model), 10)
     m.head.weight.data.copy_(W)
@@ -274,7 +277,7 @@ def test_probe_head_reproduces_the_probe_on_images(tmp_path, dino_base):
 
 def test_finetune_grid_is_chosen_on_val(tmp_path, dino_base):
     cfg = make_cfg(tmp_path, ft_lrs=[1e-3, 1e-2])
-    r = E.lora_finetune(cfg, dino_base[0], E.load_splits(cfg, seed=0), 0)
+    r = E.lora_finetune(cfg, dino_base[0], setup.labelled(cfg, 0), 0)
     assert "(on val)" in r["selected"] and r["val_acc"] is not None
 
 
@@ -287,7 +290,7 @@ def test_comparison_tables_end_to_end(tmp_path):
     acc = E.accuracy_table(res.evals)
     assert list(acc.index) == ["frozen", "explora", "full"] and list(acc.columns[:2]) == ["linear probe", "kNN"]
     assert all("±" in v for v in acc["kNN"]) and set(acc["seeds"]) == {2}
-    delta = E.delta_table(res.evals)
+    delta = tables.paired_delta(res.evals, "variant")
     assert list(delta.index) == ["explora", "full"]
     cost = E.cost_table(res.runs)
     assert cost.loc["frozen", "trainable_backbone"] == 0 and cost.loc["full", "trainable_fraction"] == 1.0
@@ -295,9 +298,18 @@ def test_comparison_tables_end_to_end(tmp_path):
     assert s["test_acc"]["explora/kNN"]["n"] == 2 and "explora" in s["cost"]
     import matplotlib
     matplotlib.use("Agg")
-    E.plot_accuracy(res.evals)
-    E.plot_losses(res.history)
-    assert isinstance(E.paper_table(), pd.DataFrame) and len(E.choices_table()) == len(E.CHOICES)
+    figures.bars(res.evals, "variant", chance=0.1)
+    figures.curves(res.history, "variant", E.LOSSES)
+    assert isinstance(papers.explora_table(), pd.DataFrame)
+    assert len(papers.choices_table("ExPLoRA", cfg)) == len(papers.CHOICES["ExPLoRA"])
+    rows = E.result_rows(res, "ExPLoRA")
+    assert {(r["table"], r["method"]) for r in rows} == {(f"ExPLoRA: {ev}", v) for v in ("frozen", "explora", "full")
+                                                         for ev in ("linear probe", "kNN")}
+    by = {(r["table"], r["method"]): r for r in rows}
+    assert by["ExPLoRA: kNN", "explora"]["n"] == 2 and by["ExPLoRA: kNN", "frozen"]["trainable"] == 0
+    assert by["ExPLoRA: kNN", "full"]["trainable"] == cost.loc["full", "trainable_backbone"]
+    assert by["ExPLoRA: kNN", "full"]["wall_time_s"] > 0
+    assert papers.value("ExPLoRA: linear probe", "explora") is not None      # our rows join the published ones
 
 
 # ----------------------------------------------------------------------------------------------- ablations, widget
@@ -314,6 +326,16 @@ def test_ablation_variants_one_factor_at_a_time(tmp_path):
     assert plan.loc["U=none", "trainable backbone"] < plan.loc[labels[1], "trainable backbone"] < \
         plan.loc["U=[1,L]", "trainable backbone"] < plan.loc["U=[1,L-1,L]", "trainable backbone"]
     assert plan.loc["norms frozen", "trainable backbone"] < plan.loc[labels[1], "trainable backbone"]
+    # notebook 12's result rows: table "ExPLoRA ablations: <eval>", the label as method (joins papers.py)
+    evals = pd.DataFrame([{"variant": label, "seed": 0, "eval": ev, "test_acc": 0.5, "chance": 0.1}
+                          for label in labels for ev in ("linear probe", "kNN")])
+    runs = pd.DataFrame([{"variant": label, "seed": 0, "trainable_backbone": 7, "wall_time_s": 1.5} for label in labels])
+    rows = E.result_rows(E.ExploraResults(evals, runs, pd.DataFrame()), "ExPLoRA ablations")
+    assert len(rows) == 2 * len(labels) and {r["table"] for r in rows} == {"ExPLoRA ablations: linear probe",
+                                                                           "ExPLoRA ablations: kNN"}
+    lp = {r["method"]: r for r in rows if r["table"] == "ExPLoRA ablations: linear probe"}
+    assert lp["U=[1,L-1,L]"]["mean"] == 50.0 and lp["U=[1,L-1,L]"]["trainable"] == 7
+    assert papers.value("ExPLoRA ablations: linear probe", "U=[1,L-1,L]") is not None
 
 
 def test_widget_panel_runs_one_configuration(tmp_path):
@@ -334,5 +356,5 @@ def test_widget_panel_runs_one_configuration(tmp_path):
 
 def test_dry_run_reason(tmp_path):
     cfg = build_config(E.ExploraConfig, "paper", "10_explora_dinov2", data_root=str(tmp_path / "missing"))
-    assert "not available here" in E.dry_run_reason(cfg)
-    assert E.dry_run_reason(make_cfg(tmp_path)) is None
+    assert "not available here" in setup.dry_run_reason(cfg)
+    assert setup.dry_run_reason(make_cfg(tmp_path)) is None

@@ -16,6 +16,7 @@ from vitadapt.config import build_config
 from vitadapt.experiments import explora as E
 from vitadapt.finetune import TensorSet, finetune_classifier, select_then_test
 from vitadapt.jobs import JobStore, mean_std_text, summarize
+from vitadapt.protocol.tables import paired_delta
 from vitadapt.results import Run, result_row
 from vitadapt.train import Diverged, fit, job, make_fabric, set_notebook
 
@@ -86,7 +87,7 @@ def test_tables_metrics_and_result_rows_say_diverged():
     acc = E.accuracy_table(evals)
     assert acc.loc["full", "linear probe"] == "diverged"
     assert acc.loc["explora", "linear probe"].endswith("(1 of 2 diverged)")
-    delta = E.delta_table(evals)
+    delta = paired_delta(evals, "variant")
     assert delta.loc["full", "linear probe"] == "diverged"
     assert delta.loc["explora", "linear probe"] == "+0.200 ± 0.000 (1 of 2 diverged)"
 

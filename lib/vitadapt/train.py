@@ -211,6 +211,35 @@ def _peak_memory_mb(device) -> float:
         return 0.0
 
 
+def status_mb(key: str) -> float | None:
+    """A memory figure of this process from ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MB; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory(device=None) -> float:
+    """Reset the peak-memory counter before a run; returns the current level in MB. CUDA: allocated memory (``fit``
+    resets the CUDA peak itself). CPU (Linux): free memory goes back to the OS (``malloc_trim``), then the process's
+    resident-set high-water mark (``VmHWM``, which ``fit`` reads through ``getrusage``) is reset to the current
+    resident set by writing 5 to ``/proc/self/clear_refs``; elsewhere nothing is reset (then the peak of a run is the
+    process's peak so far)."""
+    import gc
+    gc.collect()
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    with contextlib.suppress(Exception):
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    return status_mb("VmRSS") or 0.0
+
+
 def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict]], loader,
         *, steps: int, lr: float, weight_decay: float = 0.05, warmup: int = 0, betas=(0.9, 0.999),
         grad_clip: float | None = None, min_lr_ratio: float = 0.0, ckpt_path: str | os.PathLike | None = None,
