@@ -235,30 +235,20 @@ class ExploraConfig(ExperimentConfig):
 
 # ---- trainable sets ---------------------------------------------------------------------------------------------
 
-def variant_settings(cfg: ExploraConfig, variant: str) -> dict:
-    """How ``variant`` sets the trainable set: ``{"kind": frozen|peft|full, "unfreeze": spec, "targets": spec,
-    "rank", "train_norms"}`` (peft variants go through :func:`~vitadapt.peft.explora.apply_explora`)."""
+def apply_variant(cfg: ExploraConfig, model: nn.Module, variant: str) -> nn.Module:
+    """Set the trainable set of ``variant`` on ``model`` (a timm ViT), in place; returns it. ``frozen``: nothing
+    trains; ``full``: everything; the others go through :func:`~vitadapt.peft.explora.apply_explora` (``lora_only``:
+    no unfrozen block; ``block_only``: no LoRA)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is not valid; valid values: {', '.join(VARIANTS)}")
     if variant in ("frozen", "full"):
-        return {"kind": variant}
+        return model.requires_grad_(variant == "full")
     if variant == "block_only" and not parse_unfreeze(cfg.unfreeze, 10_000):
         raise ValueError("variant 'block_only' needs unfrozen blocks; unfreeze='none' leaves nothing but the norms")
-    return {"kind": "peft", "unfreeze": "none" if variant == "lora_only" else cfg.unfreeze,
-            "targets": "none" if variant == "block_only" else cfg.targets, "rank": cfg.rank,
-            "train_norms": cfg.train_norms}
-
-
-def apply_variant(cfg: ExploraConfig, model: nn.Module, variant: str) -> nn.Module:
-    """Set the trainable set of ``variant`` on ``model`` (a timm ViT), in place; returns it."""
-    s = variant_settings(cfg, variant)
-    if s["kind"] == "frozen":
-        return freeze(model)
-    if s["kind"] == "full":
-        return model.requires_grad_(True)
-    return apply_explora(model, unfreeze_blocks=parse_unfreeze(s["unfreeze"], len(model.blocks)), rank=s["rank"],
-                         targets=parse_targets(s["targets"]), alpha=cfg.lora_alpha, train_norms=s["train_norms"],
-                         train_cls=True)
+    unfreeze = parse_unfreeze("none" if variant == "lora_only" else cfg.unfreeze, len(model.blocks))
+    return apply_explora(model, unfreeze_blocks=unfreeze, rank=cfg.rank, train_cls=True, alpha=cfg.lora_alpha,
+                         targets=parse_targets("none" if variant == "block_only" else cfg.targets),
+                         train_norms=cfg.train_norms)
 
 
 # ---- backbone, unlabelled images, objectives -------------------------------------------------------------------
