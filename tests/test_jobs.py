@@ -209,7 +209,7 @@ def test_rlrr_methods_whose_every_grid_point_diverges_read_diverged():
     assert df["test_acc"].isna().all() and df["diverged"].notna().all() and grid["val_acc"].isna().all()
     s = X.summary_tables(df, cfg.groups)["summary"]
     assert (s["mean"] == "diverged").all() and (s["structured"] == "diverged").all()
-    rows = X.result_rows(df, cfg.groups)
+    rows = X.result_rows(df)
     assert all(r["status"] == "diverged" and r["mean"] is None for r in rows)
     assert sum("diverged: " in line and "method rlrr" in line for line in logs) == 1
 

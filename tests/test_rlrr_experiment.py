@@ -4,8 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from vitadapt import papers
 from vitadapt.config import build_config
 from vitadapt.experiments import rlrr as X
+from vitadapt.protocol.setup import dry_run_reason
 
 TINY = dict(weights="random", arch="vit_tiny_patch16_224", img_size=32,
             arch_kwargs={"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2})
@@ -51,10 +53,13 @@ def test_ablation_variants_cover_table6_and_share_the_official_setting():
     sides = [(label, kw) for g, label, kw in v if g == "sides_residual"]
     assert len(sides) == 6 and {(kw["sides"], kw["residual"]) for _, kw in sides} == \
         {(s, r) for s in ("left", "right", "both") for r in (False, True)}
-    assert sum(X._key(kw) == X._key(X.OFFICIAL) for _, _, kw in v) == 4     # once in every group
-    assert len({X._key(kw) for _, _, kw in v}) == 1 + 5 + 4 + 2 + 3
+    assert sum(kw == papers.RLRR_OFFICIAL for _, _, kw in v) == 4     # once in every group
+    assert len(X.distinct_variants(cfg)) == 1 + 5 + 4 + 2 + 3 and papers.RLRR_OFFICIAL in X.distinct_variants(cfg)
     layers = {label: kw for g, label, kw in v if g == "layers"}
-    assert layers["attn"]["ssf"] is False and layers["all+ssf"] == X.OFFICIAL
+    assert layers["attn"]["ssf"] is False and layers["all+ssf"] == papers.RLRR_OFFICIAL
+    # the labels are those the paper's Table 6 is keyed by in vitadapt.papers (so 90_results joins them)
+    table6 = set(papers.numbers("RLRR", "RLRR ablations: sides_residual")["method"])
+    assert {label for label, _ in sides} == table6
 
 
 def test_counts_match_the_paper_table():
@@ -85,8 +90,9 @@ def test_summary_means_are_over_tasks_and_labelled_beside_the_paper():
     assert s.loc["rlrr", "mean"] == pytest.approx(t["per_task"].loc["rlrr"].mean(), abs=0.06)
     assert s.loc["rlrr", "structured"] == pytest.approx(t["per_task"].loc["rlrr", ["b", "c"]].mean(), abs=0.06)
     both = X.paper_beside_ours(s, "ours: test")
-    assert set(both.index.get_level_values(0)) == {X.PAPER_LABEL, "ours: test"}
-    assert both.loc[(X.PAPER_LABEL, "rlrr"), "mean"] == 74.5
+    label = papers.NOTES["RLRR label"]
+    assert set(both.index.get_level_values(0)) == {label, "ours: test"}
+    assert both.loc[(label, "rlrr"), "mean"] == 74.5
 
 
 def test_sides_grid_layout():
@@ -116,7 +122,7 @@ def test_tiny_end_to_end_benchmark_and_ablation():
 def test_dry_run_builds_every_method_and_variant(capsys):
     cfg = X.RLRRConfig(**TINY, dry_run="auto", tasks=("vtab1k:cifar",), groups={"natural": ["vtab1k:cifar"]},
                        vtab1k_root="", ablation_ranks=(1, 2))
-    assert "1 of 1 tasks not available here (vtab1k:cifar)" in X.dry_run_reason(cfg)
+    assert "not available here: task 'vtab1k:cifar' (" in dry_run_reason(cfg)
     X.dry_run_build(cfg)
     X.dry_run_build(cfg, ablation=True)
     out = capsys.readouterr().out
@@ -125,7 +131,7 @@ def test_dry_run_builds_every_method_and_variant(capsys):
 
 def test_result_rows_and_the_interactive_panel():
     df = _fake_rows()
-    rows = X.result_rows(df, {"natural": ["a"], "structured": ["b", "c"]}, "30")
+    rows = X.result_rows(df)
     main = [r for r in rows if r["table"] == "RLRR: VTAB-1k group mean"]
     assert {r["method"] for r in main} == {"rlrr", "lora"} and all(r["n"] == 2 for r in main)
     assert {r["table"] for r in rows} == {"RLRR: VTAB-1k group mean", "RLRR: VTAB-1k natural", "RLRR: VTAB-1k structured"}
