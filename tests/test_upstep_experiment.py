@@ -15,6 +15,7 @@ from vitadapt.data.unlabelled import Unlabelled
 from vitadapt.eval import model_fingerprint
 from vitadapt.experiments import upstep as U
 from vitadapt.papers import CHOICES
+from vitadapt.peft.common import count_trainable
 from vitadapt.protocol.setup import backbone, dry_run_reason
 
 pytest.importorskip("timm")
@@ -125,12 +126,12 @@ def test_adaptation_never_reads_labels_and_leaves_the_base_untouched():
     views = Unlabelled(poisoned, range(10), U.augment_for(cfg, "synthetic"))
     item = views[0]
     assert isinstance(item, tuple) and len(item) == 2 and all(t.shape == (3, 32, 32) for t in item)
-    ad = U.adapt(cfg, model, (poisoned, list(range(len(poisoned)))), seed=0, domain="synthetic")
-    assert (ad.fit.steps, ad.fit.backward_passes, ad.fit.skipped) == (3, 2, 1)      # alternate gate
+    objective, fit = U.adapt(cfg, model, (poisoned, list(range(len(poisoned)))), seed=0, domain="synthetic")
+    assert (fit.steps, fit.backward_passes, fit.skipped) == (3, 2, 1)              # alternate gate
     assert model_fingerprint(model) == before                                      # base copy untouched
-    assert model_fingerprint(ad.model) != before                                   # the adapted one moved
+    assert model_fingerprint(objective.model) != before                            # the adapted one moved
     assert not any("lora_" in n for n, _ in model.named_parameters())
-    assert ad.trainable_backbone == 2 * 2 * (48 + 3 * 48)                         # depth x rank x (in + out)
+    assert count_trainable(objective.model) == 2 * 2 * (48 + 3 * 48)              # depth x rank x (in + out)
 
 
 def test_adaptation_pool_draws_without_labels():

@@ -65,6 +65,20 @@ def chance(splits: Splits) -> float:
     return 1.0 / max(1, len(splits.classes))
 
 
+def check_dataset(field: str, *names) -> None:
+    """A config check: each of ``names`` (the values of config field ``field``) is a registered dataset or
+    ``vtab1k:<task>`` / ``fgvc:<task>``; else a ValueError naming the valid ones. Nothing is read."""
+    from vitadapt.config import _dataset_names
+    from vitadapt.data import DATASETS
+    for name in names:
+        if not isinstance(name, str):
+            raise ValueError(f"{field}: {name!r} must be a dataset name (string)")
+        kind = name.split(":", 1)[0]
+        if kind not in DATASETS or (":" in name and kind not in ("vtab1k", "fgvc")):
+            raise ValueError(f"{field}: {name!r} is not valid; valid values: {', '.join(_dataset_names())}, "
+                             f"or vtab1k:<task> / fgvc:<task>")
+
+
 def dry_run_reason(cfg: ExperimentConfig, needs: dict[str, Callable[[], object]] | None = None) -> str | None:
     """Why the run stops after building and validating (None: it runs). ``dry_run="auto"`` probes, without
     downloading, each of ``needs`` ({what: probe}; default ``cfg.needs()``, else the dataset) and, for hub
