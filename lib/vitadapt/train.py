@@ -200,6 +200,12 @@ class FitResult:
                 "wall_time_s": round(self.wall_time_s, 3), "peak_memory_mb": round(self.peak_memory_mb, 1),
                 "resumed_from": self.resumed_from}
 
+    def record(self) -> dict:
+        """A run's cost for a results table: steps, backward passes, skips, wall time, s/step, peak memory."""
+        s = self.summary()
+        return {**{k: s[k] for k in ("steps", "backward_passes", "skipped", "skip_fraction", "wall_time_s")},
+                "s_per_step": s["wall_time_s"] / max(1, s["steps"]), "peak_memory_mb": s["peak_memory_mb"]}
+
 
 def _peak_memory_mb(device) -> float:
     if device.type == "cuda":

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import numpy as np
 from torch.utils.data import Dataset
+
+
+def draw(n_images: int, pool_len: int, seed: int) -> list[int]:
+    """``n_images`` indices (at most ``pool_len``) drawn uniformly without replacement with ``seed``, sorted: the
+    unlabelled images a self-supervised run trains on (labels are not read, so the draw cannot be stratified)."""
+    pick = np.random.default_rng(seed).choice(pool_len, size=min(n_images, pool_len), replace=False)
+    return sorted(pick.tolist())
 
 
 class Unlabelled(Dataset):

@@ -3,8 +3,8 @@ post-pretraining) against the frozen base model, on several labelled target doma
 
 Protocol for every (domain, seed):
 
-1. the **base** backbone is evaluated frozen (:mod:`vitadapt.protocol.probe`: linear probe with C chosen on val,
-   kNN with k chosen on val) on the target and on an out-of-domain labelled set (the *forgetting set*);
+1. the **base** backbone is evaluated frozen (linear probe and kNN, :mod:`vitadapt.protocol.probe`) on the target
+   and on an out-of-domain labelled set (the *forgetting set*);
 2. **UpStep** adapts a copy of the backbone on the domain's *unlabelled* training images only
    (:class:`vitadapt.data.unlabelled.Unlabelled` drops the labels before anything else sees an item);
 3. the adapted backbone, and the **ensembles** of base and adapted features (concatenated or averaged,
@@ -27,7 +27,6 @@ import typing
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -35,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from vitadapt import papers
 from vitadapt.config import ExperimentConfig, _dataset_names, opt
 from vitadapt.data import Splits
-from vitadapt.data.unlabelled import Unlabelled
+from vitadapt.data.unlabelled import Unlabelled, draw
 from vitadapt.eval import eval_transform
 from vitadapt.jobs import checkpoint_every_s
 from vitadapt.peft.common import count_total, count_trainable
@@ -102,17 +101,15 @@ class UpStepConfig(ExperimentConfig):
         if not self.domains:
             raise ValueError("domains=() is empty; give at least one target domain, e.g. domains=['aid']")
         check_dataset("domains", *self.domains)
-        for name in ("forgetting_dataset", "forgetting_fallback") + (("ablation_domain",) if self.ablation_domain else ()):
+        for name in ("forgetting_dataset", "forgetting_fallback", "ablation_domain")[:3 if self.ablation_domain else 2]:
             check_dataset(name, getattr(self, name))
         if self.forgetting_fallback == self.forgetting_dataset:
             raise ValueError(f"forgetting_fallback={self.forgetting_fallback!r} equals forgetting_dataset; choose "
                              f"another labelled set (valid: {', '.join(_dataset_names())})")
         for name, allowed in (("ensemble_modes", ENSEMBLE_MODES), ("ablate_cvr", _literal("cvr")),
                               ("ablate_gate", _literal("gate"))):
-            bad = [v for v in getattr(self, name) if v not in allowed]
-            if bad:
-                raise ValueError(f"{name}={list(getattr(self, name))!r}: {bad} not valid; valid values: "
-                                 f"{', '.join(allowed)}")
+            if bad := [v for v in getattr(self, name) if v not in allowed]:
+                raise ValueError(f"{name}={list(getattr(self, name))!r}: {bad} not valid; valid values: {', '.join(allowed)}")
         if any(isinstance(r, bool) or not isinstance(r, int) for r in self.ablate_rank):
             raise ValueError(f"ablate_rank={list(self.ablate_rank)!r}: every rank must be an integer >= 1")
         if self.prototype_init == "base_kmeans" and self.n_adapt_images and self.n_adapt_images < self.n_prototypes:
@@ -148,14 +145,12 @@ def domain_splits(cfg, domain: str, seed: int, forgetting: bool = False) -> Spli
 
 def adaptation_pool(cfg, domain: str, seed: int, labelled_train: Dataset | None = None) -> tuple[Dataset, list[int]]:
     """The unlabelled images UpStep adapts on, as (dataset, indices): the seed's labelled-training subset
-    (``n_adapt_images=0``) or ``n_adapt_images`` drawn uniformly with ``seed`` from the training pool (labels
-    are not read, so the draw cannot be stratified)."""
+    (``n_adapt_images=0``) or ``n_adapt_images`` from the training pool (:func:`~vitadapt.data.unlabelled.draw`)."""
     if cfg.n_adapt_images == 0:
         sub = labelled_train if labelled_train is not None else domain_splits(cfg, domain, seed).train
         return sub.base, list(sub.indices)
     pool = dataset(cfg, domain, sized=False).train
-    draw = np.random.default_rng(10_000 + seed).choice(len(pool), size=min(cfg.n_adapt_images, len(pool)), replace=False)
-    return pool, sorted(draw.tolist())
+    return pool, draw(cfg.n_adapt_images, len(pool), 10_000 + seed)
 
 
 def augment_for(cfg, domain: str) -> UpStepAugment:
@@ -165,19 +160,16 @@ def augment_for(cfg, domain: str) -> UpStepAugment:
 
 def build_objective(cfg, backbone: torch.nn.Module, seed: int, init_images: torch.Tensor | None = None) -> UpStepObjective:
     """UpStep objective around ``backbone`` (mutated in place: LoRA is injected; a frozen copy is the base)."""
-    return UpStepObjective(backbone, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha or None, head=cfg.head,
-                           head_hidden_dim=cfg.head_hidden_dim, head_out_dim=cfg.head_out_dim,
-                           n_prototypes=cfg.n_prototypes, prototype_init=cfg.prototype_init, init_images=init_images,
-                           temperature=cfg.temperature, cvr=cfg.cvr, cvr_weight=cfg.cvr_weight,
-                           center_estimate=cfg.center_estimate, seed=seed)
+    fields = ("lora_rank", "head", "head_hidden_dim", "head_out_dim", "n_prototypes", "prototype_init", "temperature",
+              "cvr", "cvr_weight", "center_estimate")
+    return UpStepObjective(backbone, **{f: getattr(cfg, f) for f in fields}, lora_alpha=cfg.lora_alpha or None,
+                           init_images=init_images, seed=seed)
 
 
 def adapt(cfg, base_model: torch.nn.Module, images: tuple[Dataset, list[int]], seed: int, domain: str = "",
           fabric=None, progress: bool = False, ckpt=None) -> tuple[UpStepObjective, typing.Any]:
-    """Adapt a copy of ``base_model`` with UpStep on the unlabelled ``images`` (dataset, indices) for ``cfg.steps``
-    iterations (items ``(view1, view2)``, the batch format of :class:`~vitadapt.ssl.upstep.UpStepObjective`);
-    ``base_model`` itself is left untouched. Returns the objective (``.model``: the adapted backbone) and the
-    training loop's result."""
+    """UpStep on a copy of ``base_model`` (left untouched) over the unlabelled ``images`` (dataset, indices) for
+    ``cfg.steps`` iterations. Returns the objective (``.model``: the adapted backbone) and the loop's result."""
     from vitadapt.train import fabric_from_config, fit, seed_everything
     views = Unlabelled(*images, augment_for(cfg, domain))
     if len(views) < cfg.adapt_batch_size:
@@ -197,20 +189,9 @@ def adapt(cfg, base_model: torch.nn.Module, images: tuple[Dataset, list[int]], s
     return objective.eval(), result
 
 
-def _record(objective: UpStepObjective, result, n_images: int) -> dict:
-    """A run's cost and final statistics."""
-    s, last = result.summary(), (result.history[-1] if result.history else {})
-    return {**{k: s[k] for k in ("steps", "backward_passes", "skipped", "skip_fraction", "wall_time_s")},
-            "s_per_step": s["wall_time_s"] / max(1, s["steps"]), "peak_memory_mb": s["peak_memory_mb"],
-            "adapt_images": n_images, "trainable_params": count_trainable(objective),
-            "trainable_backbone": count_trainable(objective.model), "final_loss_cluster": last.get("loss_cluster"),
-            "final_cv_norm": last.get("cv_norm"), "final_cv_drift": last.get("cv_drift")}
-
-
 def evaluate_features(cfg, base: Callable, adapted: Callable | None, splits: Splits, seed: int) -> dict[str, dict]:
-    """Scores {feature kind: {eval: {test_acc, val_acc, selected}}} of the base features, the adapted ones and
-    the configured ensembles on ``splits`` (``adapted=None``: base only); ``base`` and ``adapted`` map a dataset
-    to its features (:func:`vitadapt.protocol.probe.features`)."""
+    """Probe scores {feature kind: {eval: {test_acc, val_acc, selected}}} of the base, adapted (None: base only)
+    and ensemble features on ``splits``; ``base``/``adapted``: :func:`vitadapt.protocol.probe.features`."""
     fb = probe.split_features(base, splits)
     out = {"base": probe.score(cfg, fb, seed)}
     if adapted is not None:
@@ -252,8 +233,7 @@ def _eval_rows(cfg, base, adapted, splits: Splits, domain: str, seed: int, varia
 
 def run_domain_seed(cfg, base_model, info: dict, domain: str, seed: int, variant: str = "UpStep",
                     fabric=None, include_base: bool = True, progress: bool = False, ckpt=None) -> dict:
-    """Base eval, UpStep adaptation on the unlabelled training images, adapted + ensemble eval, forgetting.
-    Returns {"evals": rows, "runs": run record, "history": per-step rows, "log": a line}."""
+    """Steps 1-4 of the protocol: {"evals": rows, "runs": run record, "history": per-step rows, "log": a line}."""
     from vitadapt.train import Diverged, job
     device = fabric.device if fabric is not None else "cpu"
     base, keys = probe.features(cfg, base_model, info, device), {"domain": domain, "seed": seed, "variant": variant}
@@ -267,12 +247,14 @@ def run_domain_seed(cfg, base_model, info: dict, domain: str, seed: int, variant
         record, history, line = {**keys, "diverged": str(e)}, [], str(e)
     else:
         rows = _eval_rows(cfg, base, probe.features(cfg, objective.model, info, device), splits, domain, seed, variant)
-        record = {**keys, **_record(objective, result, len(images[1])),
+        last = result.history[-1] if result.history else {}         # the run's cost and final statistics
+        record = {**keys, **result.record(), "adapt_images": len(images[1]), "trainable_params": count_trainable(objective),
+                  "trainable_backbone": count_trainable(objective.model),
+                  **{f"final_{k}": last.get(k) for k in ("loss_cluster", "cv_norm", "cv_drift")},
                   "eval_wall_time_s": round(time.perf_counter() - t0 - result.wall_time_s, 2)}
         history = [{**keys, **{k: h[k] for k in ("step", "backward", *LOG_KEYS, "lr") if k in h}} for h in result.history]
-        line = (f"{variant if variant != 'UpStep' else domain} seed {seed}: {record['backward_passes']}/"
-                f"{record['steps']} backward, {record['wall_time_s']:.1f} s training, "
-                f"{record['eval_wall_time_s']:.1f} s evaluation")
+        line = (f"{variant if variant != 'UpStep' else domain} seed {seed}: {record['backward_passes']}/{record['steps']} "
+                f"backward, {record['wall_time_s']:.1f} s training, {record['eval_wall_time_s']:.1f} s evaluation")
     rows = rows if include_base else [r for r in rows if r["features"] != "base"]
     return {"evals": rows, "runs": record, "history": history, "log": line}
 
@@ -314,8 +296,7 @@ def ablation_variants(cfg: UpStepConfig) -> list[tuple[str, dict]]:
     return [(f"default (cvr={cfg.cvr}, gate={cfg.gate}, r={cfg.lora_rank})", {})] + grid.one_factor(cfg, axes)
 
 
-def run_ablations(cfg: UpStepConfig, run=None, progress: bool = False,
-                  log: Callable[[str], None] | None = print) -> UpStepResults:
+def run_ablations(cfg: UpStepConfig, run=None, progress: bool = False, log: Callable[[str], None] | None = print) -> UpStepResults:
     """Notebook 21: every variant of :func:`ablation_variants` on the ablation domain, every seed; the base rows
     once per seed, last (variant ``"base"``). Each variant's ensemble rows are the ensemble on/off ablation."""
     domain, variants = cfg.target_for_ablations, dict(ablation_variants(cfg))
@@ -329,8 +310,8 @@ def run_ablations(cfg: UpStepConfig, run=None, progress: bool = False,
 
 
 def run_single(cfg: UpStepConfig, seed: int | None = None, domain: str = "", base=None, **overrides) -> pd.DataFrame:
-    """One configuration on one domain and seed (the widget panel's action): a small table of test accuracy
-    and forgetting per feature kind. ``overrides`` are config fields; ``base`` an optional (model, info)."""
+    """The widget panel's action: test accuracy and forgetting per feature kind of one configuration (``overrides``:
+    config fields) on one domain and seed; ``base``: an optional (model, info)."""
     vcfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
     model, info = base or backbone(vcfg, verbose=False)
     out = run_domain_seed(vcfg, model, info, domain or cfg.target_for_ablations,
@@ -345,12 +326,8 @@ def choices_table(cfg: UpStepConfig | None = None) -> pd.DataFrame:
     return papers.choices_table("UpStep", cfg).rename(columns={"switch": "switch (alternatives)"})
 
 
-def _with_base(evals: pd.DataFrame, by: str) -> pd.DataFrame:
-    """``evals`` with the base rows under every ``by`` value where one base serves every variant (notebook 21)."""
-    base, adapted = evals[evals["features"] == "base"], evals[evals["features"] != "base"]
-    if not len(base) or by not in evals or set(base[by]) & set(adapted[by]):
-        return evals
-    return pd.concat([adapted, *(base.assign(**{by: k}) for k in tables.order(adapted, by))])
+def _with_base(evals: pd.DataFrame, by: str) -> pd.DataFrame:      # notebook 21: one base serves every variant
+    return tables.with_shared(evals, by, evals["features"] == "base")
 
 
 def accuracy_table(evals: pd.DataFrame, by: str = "domain") -> pd.DataFrame:
@@ -362,8 +339,7 @@ def accuracy_table(evals: pd.DataFrame, by: str = "domain") -> pd.DataFrame:
 
 
 def forgetting_table(evals: pd.DataFrame, by: str = "domain") -> pd.DataFrame:
-    """Forgetting: change of the out-of-domain test accuracy (adapted - base), mean ± std over seeds, and the base
-    model's accuracy on that set for scale."""
+    """Forgetting (OOD test accuracy, adapted - base), mean ± std over seeds; the base OOD accuracy for scale."""
     df, every = evals[evals["features"] != "base"], _with_base(evals, by)
     out = tables.mean_std(df, [by, "eval"], "features", "ood_delta", signed=True)
     out, base = out[[c for c in FEATURE_KINDS if c in out.columns]], every[every["features"] == "base"]
@@ -392,8 +368,7 @@ def cost_table(runs: pd.DataFrame, by: str = "domain") -> pd.DataFrame:
 
 
 def plot_accuracy(evals: pd.DataFrame, by: str = "domain", title: str = "", value: str = "test_acc"):
-    """Bars of target test accuracy (``value="ood_delta"``: the forgetting-set change, adapted - base) per ``by``
-    and feature kind, one panel per evaluation (error bars: std over seeds)."""
+    """Bars of target test accuracy (``value="ood_delta"``: the forgetting) per ``by`` and feature kind, a panel per eval."""
     change = value == "ood_delta"
     d = evals[evals["features"] != "base"] if change else evals
     return figures.bars(d, x=by, y=value, hue="features", hue_order=[k for k in FEATURE_KINDS if k in set(d["features"])],
@@ -402,54 +377,44 @@ def plot_accuracy(evals: pd.DataFrame, by: str = "domain", title: str = "", valu
 
 
 def plot_center_vector(history: pd.DataFrame, by: str = "variant", smooth: int = 1):
-    """Centre-vector statistics over training, mean over seeds per ``by``: the norm of the adapted centre
-    (dashed: the frozen base model on the same batches), its drift from the base centre, and the clustering loss."""
+    """Centre-vector norm (dashed: base model on the same batches), drift and clustering loss over training per ``by``."""
+    titles = {"cv_norm": "centre-vector norm ||c|| (dashed: base model)", "loss_cluster": "clustering loss",
+              "cv_drift": "centre-vector drift ||c_adapted - c_base||²"}
     return figures.curves(history, by, ["cv_norm", "cv_drift", "loss_cluster"], smooth=smooth, symlog=["cv_drift"],
-                          dashed={"cv_norm": "cv_norm_base"},
-                          titles={"cv_norm": "centre-vector norm ||c|| (dashed: base model)",
-                                  "cv_drift": "centre-vector drift ||c_adapted - c_base||²",
-                                  "loss_cluster": "clustering loss"})
+                          dashed={"cv_norm": "cv_norm_base"}, titles=titles)
 
 
 def summary(res: UpStepResults, by: str = "domain") -> dict:
     """metrics.json content: mean/std/n of test accuracy and OOD change per (by, features, eval); costs."""
     keys, adapted = [by, "features", "eval"], res.evals[res.evals["features"] != "base"]
-    cost = {str(k): {c: (float(g[c].mean()) if c in g and g[c].notna().any() else None) for c in COST}
-            for k, g in res.runs.groupby(by, sort=False)} if len(res.runs) else {}
     return {"test_acc": report.summary(res.evals, keys), "ood_delta": report.summary(adapted, keys, "ood_delta"),
-            "cost": cost}
+            "cost": report.mean_per_key(res.runs, by, COST)}
 
 
 def result_rows(res: UpStepResults, by: str = "domain", notebook: str = "20") -> list[dict]:
-    """Rows of the shared results schema: target test accuracy ("<label>: target top-1") and the change of
-    out-of-domain accuracy, adapted - base ("<label>: forgetting"), per (``by``, features, eval), with the trainable
-    parameters and the mean training wall time. UpStep has no public numbers to sit beside them."""
+    """Result rows per (``by``, features, eval): "<label>: target top-1" and "<label>: forgetting" (OOD change,
+    adapted - base), with trainable parameters and wall time. UpStep has no public numbers to sit beside them."""
     label, ev = "UpStep" if notebook == "20" else "UpStep ablations", res.evals
     metric = {f"{label}: target top-1": "top-1 (%)", f"{label}: forgetting": "OOD top-1 change (pp)"}
     # both tables in one frame, each group's forgetting row right after its accuracy row
     rows = pd.concat([ev.assign(table=f"{label}: target top-1", value=ev["test_acc"]),
                       ev[ev["features"] != "base"].assign(table=f"{label}: forgetting", value=ev["ood_delta"])])
-    none, cost = {"trainable": 0, "wall_time_s": 0.0}, {}
-    if len(res.runs) and "trainable_params" in res.runs:
-        mean = res.runs.groupby(by, sort=False)[["trainable_params", "wall_time_s"]].mean().dropna()
-        cost = {k: {"trainable": int(c["trainable_params"]), "wall_time_s": float(c["wall_time_s"])} for k, c in mean.iterrows()}
+    none, cost = {"trainable": 0, "wall_time_s": 0.0}, report.row_costs(res.runs, by)
     extra = lambda d: {"metric": metric[d["table"].iloc[0]],
-                       **(none if d["features"].iloc[0] == "base" else cost.get(d[by].iloc[0], none))}
+                       **(none if d["features"].iloc[0] == "base" else cost.get(str(d[by].iloc[0]), none))}
     return report.result_rows(rows.sort_index(kind="stable"), lambda *k: k[3], [by, "features", "eval", "table"],
                               "value", method=lambda k, f, e, _: f"{f} / {e}" if k == "base" else f"{k} / {f} / {e}",
                               extra=extra)
 
 
 def plan_table(cfg: UpStepConfig, ranks=None) -> pd.DataFrame:
-    """The configured architecture built on the meta device (shapes only: nothing is downloaded or allocated) with
-    UpStep's LoRA and head for each rank of ``ranks`` (default: ``lora_rank``); trainable-parameter counts."""
+    """Trainable-parameter counts of UpStep's LoRA and head for each rank of ``ranks`` (default: ``lora_rank``) on
+    the configured architecture, on the meta device (:mod:`vitadapt.protocol.counts`)."""
     from vitadapt.vit import meta_vit
     rows = []
     for r in dict.fromkeys(ranks or (cfg.lora_rank,)):
-        model = meta_vit(cfg.arch, cfg.img_size, **cfg.arch_kwargs)
-        total = count_total(model)
-        obj = build_objective(dataclasses.replace(cfg, lora_rank=r), model, seed=0)
-        lora = count_trainable(obj.model)
+        total = count_total(model := meta_vit(cfg.arch, cfg.img_size, **cfg.arch_kwargs))
+        lora = count_trainable((obj := build_objective(dataclasses.replace(cfg, lora_rank=r), model, seed=0)).model)
         rows.append({"arch": cfg.arch, "img_size": cfg.img_size, "lora_rank": r, "backbone_params": total,
                      "trainable_lora": lora, "trainable_head": count_trainable(obj.head),
                      "trainable_total": count_trainable(obj), "trainable_fraction_of_backbone": round(lora / total, 5)})
@@ -460,7 +425,6 @@ def panel_fields(cfg: UpStepConfig) -> dict:
     """The knobs of the ablation panel: {name: (default, options or None)}; see :func:`vitadapt.widgets.ablation_panel`."""
     ranks = sorted({1, 2, 4, 8, 16, 32, 64, cfg.lora_rank, *cfg.ablate_rank})
     return {"cvr": (cfg.cvr, list(_literal("cvr"))), "cvr_weight": (float(cfg.cvr_weight), None),
-            "gate": (cfg.gate, list(_literal("gate"))),
-            "lora_rank": (cfg.lora_rank, ranks), "steps": (cfg.steps, None), "lr": (float(cfg.lr), None),
-            "seed": (cfg.seeds[0], list(cfg.seeds)),
+            "gate": (cfg.gate, list(_literal("gate"))), "lora_rank": (cfg.lora_rank, ranks), "steps": (cfg.steps, None),
+            "lr": (float(cfg.lr), None), "seed": (cfg.seeds[0], list(cfg.seeds)),
             "domain": (cfg.target_for_ablations, list(dict.fromkeys([cfg.target_for_ablations, *cfg.domains])))}

@@ -21,6 +21,21 @@ def summary(df: pd.DataFrame, keys: Sequence[str], value: str = "test_acc") -> d
     return out
 
 
+def mean_per_key(df: pd.DataFrame, by: str, cols: Sequence[str]) -> dict[str, dict]:
+    """``{str(key): {col: mean over the key's rows, None where absent or all NaN}}`` per ``by`` value (costs)."""
+    if not len(df) or by not in df:
+        return {}
+    return {str(k): {c: float(g[c].mean()) if c in g and g[c].notna().any() else None for c in cols}
+            for k, g in df.groupby(by, sort=False)}
+
+
+def row_costs(runs: pd.DataFrame, by: str, trainable: str = "trainable_params") -> dict[str, dict]:
+    """Result-row extras per ``by`` value: mean ``trainable`` parameters (int) and training ``wall_time_s`` over
+    seeds; keys where either is missing are left out."""
+    return {k: {"trainable": int(c[trainable]), "wall_time_s": c["wall_time_s"]}
+            for k, c in mean_per_key(runs, by, (trainable, "wall_time_s")).items() if None not in c.values()}
+
+
 def result_row(table: str, method: str, values, metric: str = "top-1 (%)", scale: float = 100.0, **extra) -> dict:
     """A row of the shared results schema: mean, std and n over seeds of ``values`` (fractions -> %)."""
     s = summarize(np.asarray(list(values), float) * scale)     # diverged seeds (NaN) are counted, never averaged

@@ -28,6 +28,15 @@ def mean_std(df: pd.DataFrame, index: str | list[str], columns: str | None = Non
     return out.unstack(columns)
 
 
+def with_shared(df: pd.DataFrame, by: str, shared: pd.Series) -> pd.DataFrame:
+    """``df`` with its ``shared`` rows (one reference, e.g. a base model, that serves every variant) repeated under
+    every ``by`` value of the other rows; unchanged where they already share a ``by`` value, or none is shared."""
+    ref, rest = df[shared], df[~shared]
+    if not len(ref) or by not in df or set(ref[by]) & set(rest[by]):
+        return df
+    return pd.concat([rest, *(ref.assign(**{by: k}) for k in order(rest, by))])
+
+
 def paired_delta(df: pd.DataFrame, by: str, reference: str | None = None, columns: str = "eval",
                  value: str = "test_acc", digits: int = 3) -> pd.DataFrame:
     """Per-seed difference of ``value`` to the ``reference`` row (default: the first), then ``mean ± std`` over
