@@ -256,7 +256,8 @@ def test_evaluate_variant_rows(dino_cfg, dino_base):
 def test_probe_head_reproduces_the_probe_on_images(tmp_path, dino_base):
     """LP-FT: the folded probe head on the model's own CLS output predicts what the probe predicts on the cached
     features, and the fine-tune starts from it."""
-    from vitadapt.finetune import evaluate, fresh_head, materialize
+    from vitadapt.finetune import evaluate, materialize
+    from vitadapt.vit import fresh_head
     cfg = make_cfg(tmp_path, ft_head_init="probe", probe_Cs=[0.1, 1.0])
     model, info = dino_base
     splits = setup.labelled(cfg, 0)

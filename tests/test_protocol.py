@@ -102,7 +102,7 @@ def test_dry_run_decision_names_what_is_missing():
 
 def test_finish_always_writes_dry_run_and_results(tmp_path, capsys):
     S = start("00_x", ExperimentConfig, "smoke", quiet=True, out_dir=str(tmp_path / "00_x"))
-    path = report.finish(S, {"a": 1})
-    blob = json.loads(path.read_text())["metrics"]
+    assert report.finish(S, {"a": 1}) is None
+    blob = json.loads((tmp_path / "00_x" / "metrics.json").read_text())["metrics"]
     assert blob == {"a": 1, "dry_run": None, "results": []}
     assert "wrote" in capsys.readouterr().out

@@ -42,12 +42,10 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from vitadapt.eval import IMAGENET_MEAN, IMAGENET_STD, Transformed, eval_transform
 from vitadapt.peft.common import count_trainable
 from vitadapt.train import Diverged, fit, job, make_fabric, seed_everything
-from vitadapt.vit import TailViT
-# old import paths, kept until lib/vitadapt/experiments/* import these from vitadapt.vit; then delete this line
-from vitadapt.vit import HeadOnly, fresh_head  # noqa: F401
+from vitadapt.vit import TailViT, fresh_head, set_drop_path
 
 __all__ = ["TensorSet", "materialize", "train_transform", "finetune_classifier", "select_then_test", "evaluate",
-           "embed_tokens", "run_blocks", "pooled_features", "concat"]
+           "embed_tokens", "run_blocks", "pooled_features", "concat", "train_then_test", "lora_classifier", "decoded"]
 
 MATERIALIZE_LIMIT_BYTES = 2 * 2**30
 
@@ -386,3 +384,80 @@ def select_then_test(make_model: Callable[..., nn.Module], splits, grid: Sequenc
     return {"grid": grid_rows, "selected": selected, "test": test_rows,
             "test_acc": float(np.mean([r["test_acc"] for r in test_rows])), "val_acc": val_first,   # NaN if any diverged
             "trainable": test_rows[0]["trainable"], "wall_time_s": time.perf_counter() - t_all}
+
+
+def train_then_test(make_model: Callable[..., nn.Module], splits, grid: Sequence[dict], *, seed: int,
+                    num_classes: int, **kw) -> dict:
+    """One seed of the fine-tune protocol: a single (lr, weight decay) point has nothing to select, so it trains on
+    ``train`` and is scored once on ``test`` (val is never read); several go through :func:`select_then_test`.
+    Returns ``{test_acc, val_acc (None for one point), point, chosen: "fixed" | "on val", trainable, wall_time_s,
+    steps}``."""
+    from vitadapt.train import seed_everything
+    if len(grid) == 1:
+        seed_everything(seed)
+        r = finetune_classifier(make_model(), splits.train, {"test": splits.test}, num_classes=num_classes,
+                                seed=seed, **grid[0], **kw)
+        return {"test_acc": r["acc"]["test"], "val_acc": None, "point": dict(grid[0]), "chosen": "fixed",
+                "trainable": r["trainable"], "wall_time_s": r["wall_time_s"], "steps": r["steps"]}
+    r = select_then_test(make_model, splits, grid, num_classes=num_classes, seeds=(seed,), **kw)
+    return {"test_acc": r["test"][0]["test_acc"], "val_acc": r["val_acc"], "point": r["selected"][seed],
+            "chosen": "on val", "trainable": r["trainable"], "wall_time_s": r["wall_time_s"],
+            "steps": r["test"][0]["steps"]}
+
+
+def lora_classifier(model: nn.Module, num_classes: int, rank: int, targets, drop_path: float = 0.0,
+                    head: tuple | None = None) -> nn.Module:
+    """A copy of ``model`` ready for a LoRA fine-tune: a new head (drawn fresh, or set to ``head`` = (weight, bias),
+    e.g. a linear probe's), drop-path rising to ``drop_path``, LoRA of ``rank`` on ``targets`` of every block; only
+    the LoRA matrices and the head train."""
+    import copy
+
+    from vitadapt.peft.lora import apply_lora
+    m = fresh_head(copy.deepcopy(model).cpu(), num_classes)
+    if head is not None:
+        with torch.no_grad():
+            m.head.weight.copy_(head[0])
+            m.head.bias.copy_(head[1])
+    return apply_lora(set_drop_path(m, drop_path), rank=rank, targets=targets, train_head=True)
+
+
+def decoded(splits, img_size: int, train: bool = True, val: bool = True):
+    """``splits`` with test (and train, val when asked) decoded once into tensors (:func:`materialize`)."""
+    import dataclasses
+    return dataclasses.replace(splits, train=materialize(splits.train, img_size) if train else splits.train,
+                               val=materialize(splits.val, img_size) if val else splits.val,
+                               test=materialize(splits.test, img_size), info=dict(splits.info))
+
+
+def select_then_test_in_job(make_model: Callable[..., nn.Module], splits, grid: Sequence[dict], *, what: dict,
+                            seeds: Sequence[int] = (0,), **kw) -> dict:
+    """:func:`select_then_test` inside the named job ``job(**what)`` (a divergence names it). When every grid point
+    diverged, a result of the same shape whose seeds are all lost: ``diverged`` (short) and ``message`` set,
+    ``selected`` empty, NaN accuracies, no trainable count."""
+    from vitadapt.train import Diverged, job
+    try:
+        with job(**what):
+            return select_then_test(make_model, splits, grid, seeds=tuple(seeds), **kw)
+    except Diverged as e:
+        lost = {"test_acc": float("nan"), "wall_time_s": 0.0, "steps": e.step, "trainable": None, "diverged": e.short}
+        return {"diverged": e.short, "message": str(e), "selected": {}, "grid": getattr(e, "grid", []),
+                "val_acc": float("nan"), "trainable": None, "test": [{"seed": s, **lost} for s in seeds],
+                "wall_time_s": 0.0}
+
+
+def seed_rows(r: dict, select_each_seed: bool = False, **const) -> list[dict]:
+    """One row per seed of a :func:`select_then_test` (or ``_in_job``) result: test accuracy, the selected grid point
+    and its val accuracy (NaN where the grid diverged), trainable, train and grid-search time, ``const`` columns."""
+    lost, sel, first = bool(r.get("diverged")), r["selected"], r["test"][0]["seed"]
+    grid_time = 0.0 if lost else sum(g["wall_time_s"] for g in r["grid"])
+    out = []
+    for t in r["test"]:
+        point = {"lr": float("nan"), "weight_decay": float("nan")} if lost else sel.get(t["seed"], sel[first])
+        at = t["seed"] if select_each_seed else first
+        val = next((g["val_acc"] for g in r["grid"] if g.get("seed") == at and g["lr"] == point["lr"]
+                    and g["weight_decay"] == point["weight_decay"]), float("nan"))
+        out.append({"seed": t["seed"], "test_acc": t["test_acc"], "val_acc": val, "lr": point["lr"],
+                    "weight_decay": point["weight_decay"], "trainable": t["trainable"],
+                    "train_time_s": t["wall_time_s"], "select_time_s": grid_time, **const,
+                    **({"diverged": t["diverged"]} if t.get("diverged") else {})})
+    return out

@@ -38,17 +38,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vitadapt import papers
 from vitadapt.config import ExperimentConfig, _dataset_names, opt
-from vitadapt.data import DATASETS, DataMissingError, Splits
+from vitadapt.data import DATASETS, Splits
 from vitadapt.data.unlabelled import Unlabelled
 from vitadapt.jobs import checkpoint_every_s, diverged_row
 from vitadapt.paths import resolve
 from vitadapt.peft.common import count_total, count_trainable, freeze
-from vitadapt.peft.explora import apply_explora, merge_explora, normalize_block_indices
-from vitadapt.peft.lora import LORA_TARGETS, apply_lora, has_lora
-from vitadapt.protocol import figures, grid, probe, report, setup, tables
-from vitadapt.vit import fresh_head, meta_vit, set_drop_path
+from vitadapt.peft.explora import apply_explora, parse_targets, parse_unfreeze, targets_label, unfreeze_label
+from vitadapt.protocol import grid, probe, report, setup, tables
+from vitadapt.protocol.counts import explora_recipe as paper_counts  # noqa: F401  (the notebooks' name)
+from vitadapt.ssl import continued
+from vitadapt.vit import meta_vit
 
 #: variant name -> what trains during the extended pre-training
 VARIANTS: dict[str, str] = {
@@ -58,77 +58,13 @@ VARIANTS: dict[str, str] = {
     "block_only": "the unfrozen blocks U in full + every LayerNorm + CLS; no LoRA",
     "full": "every backbone parameter (full-parameter continued pre-training)",
 }
-#: short target-set names of the ablation ("mlp" stands for fc1 and fc2)
-TARGET_ALIASES = {"mlp": ("fc1", "fc2")}
 LOSSES = ("loss", "dino", "ibot", "koleo", "mse")
-
-
-# ---- specs: unfrozen blocks and LoRA targets as short strings (flat papermill scalars) ----------------------------
-
-def _bare(spec: str) -> str:
-    return spec.replace(" ", "").replace("[", "").replace("]", "")
-
-
-def parse_unfreeze(spec, depth: int) -> tuple[int, ...]:
-    """Block indices (0-based, sorted) of an unfrozen-block spec in the paper's 1-based notation: ``"none"``,
-    ``"L"`` (last block), ``"1,L"``, ``"1,L-1,L"``, ``"L-2"``, or plain numbers ``"1,12"``; an int or a list of
-    ints (0-based, negative from the end, as :func:`~vitadapt.peft.explora.apply_explora`) is also accepted."""
-    spec = (spec,) if isinstance(spec, int) and not isinstance(spec, bool) else spec
-    if isinstance(spec, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
-        return normalize_block_indices(tuple(spec), depth)
-    if not isinstance(spec, str):
-        raise ValueError(f"unfreeze spec {spec!r} must be a string such as 'none', 'L', '1,L', '1,L-1,L'")
-    s, out = _bare(spec), set()
-    for tok in [] if s.lower() in ("", "none", "-") else s.split(","):
-        t = tok.upper()
-        try:
-            i = depth if t == "L" else depth - int(t[2:]) if t.startswith("L-") else int(t)
-        except ValueError:
-            raise ValueError(f"unfreeze spec {spec!r}: cannot read {tok!r}; valid: 'none', or comma-separated 1-based "
-                             f"block numbers and L / L-k, e.g. 'L', '1,L', '1,L-1,L'") from None
-        if not 1 <= i <= depth:
-            raise ValueError(f"unfreeze spec {spec!r}: block {tok!r} = {i} is outside 1..{depth} for a {depth}-block model")
-        out.add(i - 1)
-    return tuple(sorted(out))
-
-
-def unfreeze_label(spec, depth: int | None = None) -> str:
-    """The paper's notation of a spec: ``[L]``, ``[1,L]``, ``none``."""
-    if isinstance(spec, str):
-        s = _bare(spec)
-        return "none" if s.lower() in ("", "none", "-") else f"[{s}]"
-    idx = parse_unfreeze(spec, depth) if depth else tuple(spec)
-    return "[" + ",".join(str(i + 1) for i in idx) + "]" if idx else "none"
-
-
-def parse_targets(spec) -> tuple[str, ...]:
-    """LoRA targets of a spec ``"q,v"``, ``"q,k,v"``, ``"q,k,v,proj"``, ``"q,k,v,proj,mlp"`` (``mlp`` = fc1 + fc2),
-    ``"none"`` (no LoRA), or a list of names among ``q, k, v, proj, fc1, fc2``."""
-    if isinstance(spec, str):
-        s = spec.replace(" ", "").replace("+", ",")
-        toks = [] if s.lower() in ("", "none", "-") else s.split(",")
-    elif isinstance(spec, (list, tuple)):
-        toks = list(spec)
-    else:
-        raise ValueError(f"targets spec {spec!r} must be a string such as 'q,v' or a list of names")
-    out = []
-    for t in toks:
-        for name in TARGET_ALIASES.get(t, (t,)):
-            if name not in LORA_TARGETS:
-                raise ValueError(f"targets spec {spec!r}: unknown target {t!r}; valid: "
-                                 f"{', '.join([*LORA_TARGETS, *TARGET_ALIASES])} or 'none'")
-            out += [name] if name not in out else []
-    return tuple(out)
-
-
-def targets_label(spec) -> str:
-    return ",".join(parse_targets(spec)).replace("fc1,fc2", "mlp") or "none"
 
 
 # ---- configuration ------------------------------------------------------------------------------------------------
 
 @dataclass
-class ExploraConfig(ExperimentConfig):
+class ExploraConfig(ExperimentConfig, continued.ObjectiveSettings):
     """ExPLoRA's extended pre-training and its comparisons (notebooks 10, 11) and ablations (notebook 12)."""
 
     objective: Literal["dinov2", "mae"] = opt("dinov2", "Self-supervised objective of the extended pre-training: the source model's own (dinov2 for DinoV2 weights, mae for MAE weights).")
@@ -148,27 +84,6 @@ class ExploraConfig(ExperimentConfig):
     lora_alpha: float = opt(1.0, "LoRA alpha; scaling alpha / rank (official code: alpha = 1).", min=1e-6)
     targets: str = opt("q,v", "LoRA targets in the other blocks: 'q,v' (paper), 'q,k,v', 'q,k,v,proj', 'q,k,v,proj,mlp' (MLP at rank / 4).")
     train_norms: bool = opt(True, "Train every LayerNorm weight and bias (ExPLoRA: yes).")
-    # DinoV2 objective
-    n_prototypes: int = opt(65536, "Prototypes of the DINO/iBOT head (paper 65,536).", min=2, max=1_000_000)
-    head_hidden_dim: int = opt(2048, "Hidden width of the DINO/iBOT head MLP (paper 2048).", min=1)
-    head_bottleneck_dim: int = opt(256, "Bottleneck width of the DINO/iBOT head (paper 256).", min=1)
-    n_local_crops: int = opt(8, "Local crops per image (DinoV2: 8).", min=0, max=64)
-    local_size: int = opt(98, "Local crop size in pixels (DinoV2: 96; 98 for patch 14 so the grid is whole).", min=8, max=1024)
-    global_scale_min: float = opt(0.32, "Smallest area fraction of a global crop (DinoV2 0.32).", min=0.01, max=1.0)
-    local_scale_max: float = opt(0.32, "Largest area fraction of a local crop (DinoV2: 0.05 to 0.32).", min=0.05, max=1.0)
-    teacher_momentum: float = opt(0.992, "EMA momentum of the teacher at the start (cosine to 1).", min=0.0, max=1.0)
-    teacher_temp_warmup_steps: int = opt(0, "Teacher temperature warm-up 0.04 -> 0.07 (steps).", min=0)
-    centering: Literal["centering", "sinkhorn"] = opt("centering", "Teacher normalisation: centering (ExPLoRA default) or sinkhorn.")
-    eval_weights: Literal["teacher", "student"] = opt("teacher", "DinoV2: which backbone is kept after pre-training (official evaluation: teacher).")
-    # MAE objective
-    mask_ratio: float = opt(0.75, "MAE: fraction of patches masked.", min=0.05, max=0.95)
-    decoder_dim: int = opt(512, "MAE decoder width (paper 512).", min=8)
-    decoder_depth: int = opt(8, "MAE decoder depth (paper 8).", min=1)
-    decoder_heads: int = opt(16, "MAE decoder heads (paper 16).", min=1)
-    mae_decoder: str = opt("", "MAE: a local official MAE checkpoint that includes the decoder (facebookresearch/mae); '' = none: a fresh decoder (see decoder_warmup_steps).")
-    decoder_lora_rank: int = opt(8, "MAE: LoRA rank on the pre-trained decoder (paper 8); used only with mae_decoder.", min=0)
-    decoder_warmup_steps: int = opt(0, "MAE without mae_decoder: steps training the fresh decoder alone (encoder frozen) before the variants; once per seed, shared by every variant.", min=0)
-    decoder_warmup_lr: float = opt(0.0, "Learning rate of the decoder warm-up; 0 = pretrain_lr.", min=0.0, max=10.0)
     # evaluation
     probe_Cs: tuple = opt((0.01, 0.1, 1.0, 10.0), "Inverse regularisation strengths of the linear probe; chosen on val.", min=1e-6, max=1e6)
     knn_ks: tuple = opt((10, 20), "k values of the weighted kNN classifier; chosen on val.", min=1, max=1000)
@@ -229,7 +144,7 @@ class ExploraConfig(ExperimentConfig):
         out = {f"dataset {n!r}": lambda n=n: setup.dataset(self, n, download=False)
                for n in dict.fromkeys([self.dataset, self.pretrain_dataset or self.dataset])}
         if self.objective == "mae" and self.mae_decoder:
-            out[f"MAE decoder checkpoint {self.mae_decoder!r}"] = lambda: _decoder_path(self)
+            out[f"MAE decoder checkpoint {self.mae_decoder!r}"] = lambda: continued.decoder_path(self.mae_decoder)
         return out
 
 
@@ -288,19 +203,12 @@ def pretrain_pool(cfg: ExploraConfig, seed: int):
     return pool, sorted(np.random.default_rng(20_000 + seed).choice(len(pool), size=n, replace=False).tolist())
 
 
-def pretrain_transform(cfg: ExploraConfig):
-    """DinoV2: multi-crop (2 global crops at ``img_size``, ``n_local_crops`` at ``local_size``); MAE: random resized
-    crop (scale 0.2-1) + horizontal flip (MAE's pre-training transform); both ImageNet-normalised."""
-    if cfg.objective == "dinov2":
-        from vitadapt.ssl.dinov2 import DinoV2Augment
-        return DinoV2Augment(global_size=cfg.img_size, local_size=cfg.local_size, n_local=cfg.n_local_crops,
-                             global_scale=(cfg.global_scale_min, 1.0), local_scale=(0.05, cfg.local_scale_max))
-    from torchvision import transforms as T
+def _ssl(cfg: ExploraConfig, fields=continued.OBJECTIVE_FIELDS) -> dict:
+    return {f: getattr(cfg, f) for f in fields}
 
-    from vitadapt.eval import IMAGENET_MEAN, IMAGENET_STD
-    return T.Compose([T.RandomResizedCrop(cfg.img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC,
-                                          antialias=True),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+def pretrain_transform(cfg: ExploraConfig):
+    return continued.augmentation(cfg.objective, **_ssl(cfg, continued.AUGMENT_FIELDS))
 
 
 def _loader(cfg: ExploraConfig, seed: int) -> DataLoader:
@@ -315,52 +223,27 @@ def _loader(cfg: ExploraConfig, seed: int) -> DataLoader:
 def _optim(cfg: ExploraConfig) -> dict:
     """The AdamW settings of ``fit`` every pre-training (and the MAE decoder warm-up) shares."""
     return dict(weight_decay=cfg.pretrain_weight_decay, warmup=cfg.pretrain_warmup, grad_clip=cfg.grad_clip or None,
-                betas=(0.9, cfg.pretrain_beta2 or (0.999 if cfg.objective == "dinov2" else 0.95)))
-
-
-def _decoder_path(cfg: ExploraConfig):
-    path = resolve(cfg.mae_decoder)
-    if not path.is_file():
-        raise DataMissingError(f"mae_decoder={cfg.mae_decoder!r} not found ({path}); download an official MAE "
-                               f"checkpoint with its decoder (facebookresearch/mae) or set mae_decoder=''")
-    return path
+                betas=continued.betas(cfg.objective, cfg.pretrain_beta2))
 
 
 def build_objective(cfg: ExploraConfig, student: nn.Module, seed: int, decoder_state: dict | None = None):
-    """The objective around ``student`` (its trainable set already chosen). Returns ``(objective, loss_fn,
-    on_step)`` for :func:`vitadapt.train.fit`. MAE: ``decoder_state`` (decoder weights in the objective's names)
-    overrides ``mae_decoder``; a warmed-up decoder trains in full, a checkpoint decoder gets LoRA."""
-    if cfg.objective == "dinov2":
-        from vitadapt.ssl.dinov2 import DinoV2Objective, dinov2_loss_fn
-        obj = DinoV2Objective(student, total_steps=cfg.pretrain_steps, n_prototypes=cfg.n_prototypes,
-                              hidden_dim=cfg.head_hidden_dim, bottleneck_dim=cfg.head_bottleneck_dim,
-                              momentum=cfg.teacher_momentum, teacher_temp_warmup_steps=cfg.teacher_temp_warmup_steps,
-                              centering=cfg.centering, seed=seed)
-        return (obj, *dinov2_loss_fn(obj))
-    from vitadapt.ssl.mae import MAEObjective, mae_decoder_state_dict, mae_loss_fn
-    ckpt = None
-    if decoder_state is None and cfg.mae_decoder:
-        ckpt = mae_decoder_state_dict(torch.load(_decoder_path(cfg), map_location="cpu", weights_only=False))
-    obj = MAEObjective(student, mask_ratio=cfg.mask_ratio, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
-                       decoder_heads=cfg.decoder_heads, decoder_state_dict=decoder_state if decoder_state is not None
-                       else ckpt, decoder_lora_rank=cfg.decoder_lora_rank if ckpt is not None else 0, seed=seed)
-    return obj, mae_loss_fn(obj), None
+    """``(objective, loss_fn, on_step)`` around ``student`` (:func:`vitadapt.ssl.continued.build_objective`)."""
+    return continued.build_objective(cfg.objective, student, seed, cfg.pretrain_steps, decoder_state, **_ssl(cfg))
 
 
 def warm_decoder(cfg: ExploraConfig, base_model: nn.Module, seed: int, fabric=None) -> dict | None:
     """MAE without decoder weights: train a fresh decoder alone (encoder frozen) for ``decoder_warmup_steps`` on the
-    unlabelled target images; returns its state (``decoder_embed.*``, ``decoder.*``, ``decoder_pred.*``), shared by
-    every variant of this seed. ``None`` when there is nothing to warm (DinoV2, a checkpoint, or 0 steps)."""
+    unlabelled target images; returns its weights, shared by every variant of this seed. ``None`` when there is
+    nothing to warm (DinoV2, a checkpoint, or 0 steps)."""
     if cfg.objective != "mae" or cfg.mae_decoder or cfg.decoder_warmup_steps == 0:
         return None
     from vitadapt.train import fabric_from_config, fit, seed_everything
     seed_everything(seed)
-    wcfg = dataclasses.replace(cfg, pretrain_steps=cfg.decoder_warmup_steps)
-    obj, loss_fn, _ = build_objective(wcfg, freeze(copy.deepcopy(base_model)), seed)
+    obj, loss_fn, _ = continued.build_objective("mae", freeze(copy.deepcopy(base_model)), seed,
+                                                cfg.decoder_warmup_steps, **_ssl(cfg))
     fit(fabric or fabric_from_config(cfg), obj, loss_fn, _loader(cfg, 30_000 + seed), steps=cfg.decoder_warmup_steps,
         lr=cfg.decoder_warmup_lr or cfg.pretrain_lr, **_optim(cfg))
-    return {k: v.detach().clone() for k, v in obj.state_dict().items()
-            if k.startswith(("decoder_embed.", "decoder.", "decoder_pred."))}
+    return continued.decoder_weights(obj)
 
 
 # ---- one (variant, seed): extended pre-training, merge, evaluation ----------------------------------------------
@@ -402,12 +285,7 @@ def pretrain_variant(cfg: ExploraConfig, variant: str, seed: int, base: tuple[nn
     res = fit(fabric, objective, loss_fn, loader, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, on_step=on_step,
               progress=progress, ckpt_path=ckpt, ckpt_every_s=checkpoint_every_s() if ckpt else None,
               config={"variant": label, "seed": seed}, **_optim(cfg))
-    objective.eval()
-    kept = objective.encoder if cfg.objective == "mae" else \
-        objective.teacher if cfg.eval_weights == "teacher" else objective.student
-    if getattr(kept, "explora_config", None) is not None or has_lora(kept):
-        merge_explora(kept)
-    kept = kept.requires_grad_(True).cpu().eval()
+    kept = continued.kept_backbone(objective, cfg.objective, cfg.eval_weights)
     last = res.history[-1] if res.history else {}
     rec.update(trainable_backbone=n_bb, trainable_fraction=n_bb / total, trainable_objective=n_obj, steps=res.steps,
                images_seen=res.steps * cfg.pretrain_batch_size, wall_time_s=res.wall_time_s,
@@ -420,13 +298,10 @@ def pretrain_variant(cfg: ExploraConfig, variant: str, seed: int, base: tuple[nn
 
 
 def _ft_splits(cfg: ExploraConfig, splits: Splits) -> Splits:
-    """The labelled splits for the fine-tune, decoded once into tensors (except the training images when
-    ``ft_augment`` needs them as PIL; val only when a grid reads it)."""
-    from vitadapt.finetune import materialize
-    tr = splits.train if cfg.ft_augment else materialize(splits.train, cfg.img_size)
-    va = materialize(splits.val, cfg.img_size) if len(cfg.ft_lrs) * len(cfg.ft_weight_decays) > 1 else splits.val
-    return dataclasses.replace(splits, train=tr, val=va, test=materialize(splits.test, cfg.img_size),
-                               info=dict(splits.info))
+    """The labelled splits decoded once (the training images stay PIL when ``ft_augment`` needs them; val only when
+    a grid reads it)."""
+    from vitadapt.finetune import decoded
+    return decoded(splits, cfg.img_size, train=not cfg.ft_augment, val=len(cfg.ft_lrs) * len(cfg.ft_weight_decays) > 1)
 
 
 def lora_finetune(cfg: ExploraConfig, model: nn.Module, splits: Splits, seed: int, fabric=None,
@@ -435,37 +310,19 @@ def lora_finetune(cfg: ExploraConfig, model: nn.Module, splits: Splits, seed: in
     fresh head or, with ``ft_head_init="probe"``, the probe's :func:`~vitadapt.protocol.probe.probe_head`) of a copy
     of ``model``, through :mod:`vitadapt.finetune`. One (lr, weight decay) point: trained on train, scored once on
     test (no val pass); several: chosen on val, retrained on train + val, test once. Returns an evaluation row."""
-    from vitadapt.finetune import finetune_classifier, select_then_test
-    from vitadapt.train import seed_everything
+    from vitadapt.finetune import lora_classifier, train_then_test
     data, n_cls = ft_splits or _ft_splits(cfg, splits), len(splits.classes)
     head = probe.probe_head(cfg, model, info or {}, splits, seed) if cfg.ft_head_init == "probe" else None
-
-    def make_model(**_):
-        m = fresh_head(copy.deepcopy(model).cpu(), n_cls)
-        if head is not None:
-            with torch.no_grad():
-                m.head.weight.copy_(head[0])
-                m.head.bias.copy_(head[1])
-        return apply_lora(set_drop_path(m, cfg.ft_drop_path), rank=cfg.ft_rank, targets=parse_targets(cfg.ft_targets),
-                          train_head=True)
-    common = dict(img_size=cfg.img_size, batch_size=cfg.ft_batch_size, warmup=cfg.ft_warmup, fabric=fabric,
-                  label_smoothing=cfg.ft_label_smoothing, augment=cfg.ft_augment,
-                  **({"epochs": cfg.ft_epochs} if cfg.ft_epochs else {"steps": cfg.ft_steps}))
-    points = [{"lr": float(lr), "weight_decay": float(wd)} for lr in cfg.ft_lrs for wd in cfg.ft_weight_decays]
-    row = {"seed": seed, "eval": f"LoRA-r{cfg.ft_rank} fine-tune"}
-    hs = f"; head from probe C={head[2]:g}" if head is not None else ""
-    if len(points) == 1:
-        seed_everything(seed)
-        r = finetune_classifier(make_model(), data.train, {"test": data.test}, num_classes=n_cls, seed=seed,
-                                **points[0], **common)
-        return {**row, "test_acc": r["acc"]["test"], "val_acc": None, "selected": f"lr={points[0]['lr']:g}, "
-                f"wd={points[0]['weight_decay']:g} (fixed)" + hs, "ft_trainable": r["trainable"],
-                "ft_wall_time_s": r["wall_time_s"], "ft_steps": r["steps"]}
-    r = select_then_test(make_model, data, points, num_classes=n_cls, seeds=(seed,), **common)
-    sel = r["selected"][seed]
-    return {**row, "test_acc": r["test"][0]["test_acc"], "val_acc": r["val_acc"], "selected": f"lr={sel['lr']:g}, "
-            f"wd={sel['weight_decay']:g} (on val)" + hs, "ft_trainable": r["trainable"],
-            "ft_wall_time_s": r["wall_time_s"], "ft_steps": r["test"][0]["steps"]}
+    r = train_then_test(lambda **_: lora_classifier(model, n_cls, cfg.ft_rank, parse_targets(cfg.ft_targets),
+                                                    cfg.ft_drop_path, head), data, [{"lr": float(lr), "weight_decay": float(wd)} for lr in cfg.ft_lrs
+                                           for wd in cfg.ft_weight_decays], seed=seed, num_classes=n_cls,
+                        img_size=cfg.img_size, batch_size=cfg.ft_batch_size, warmup=cfg.ft_warmup, fabric=fabric,
+                        label_smoothing=cfg.ft_label_smoothing, augment=cfg.ft_augment,
+                        **({"epochs": cfg.ft_epochs} if cfg.ft_epochs else {"steps": cfg.ft_steps}))
+    return {"seed": seed, "eval": f"LoRA-r{cfg.ft_rank} fine-tune", "test_acc": r["test_acc"], "val_acc": r["val_acc"],
+            "selected": f"lr={r['point']['lr']:g}, wd={r['point']['weight_decay']:g} ({r['chosen']})"
+                        + (f"; head from probe C={head[2]:g}" if head is not None else ""),
+            "ft_trainable": r["trainable"], "ft_wall_time_s": r["wall_time_s"], "ft_steps": r["steps"]}
 
 
 def evaluate_variant(cfg: ExploraConfig, model: nn.Module, info: dict, seed: int, splits: Splits | None = None,
@@ -603,42 +460,6 @@ def panel_fields(cfg: ExploraConfig) -> dict:
 
 # ---- counts on the meta device (no weights, no memory): the published setting and the plan ----------------------
 
-def paper_counts(arch: str | None = None, check: bool = True, **changes) -> dict:
-    """Trainable parameters of the published setting (:data:`vitadapt.papers.EXPLORA_RECIPE`, with ``changes``) on a
-    ViT built on the meta device: ExPLoRA (U = [L], r = 64, Q,V + norms + CLS) and the LoRA-r8 fine-tune (Q,V of every
-    block, without the head). With ``check`` and the recipe unchanged, asserts :data:`vitadapt.papers.EXACT_COUNTS`."""
-    r = {**papers.EXPLORA_RECIPE, **({"arch": arch} if arch else {}), **changes}
-    m = meta_vit(r["arch"])
-    total = count_total(m)
-    apply_explora(m, unfreeze_blocks=parse_unfreeze(r["unfreeze"], len(m.blocks)), rank=r["rank"],
-                  targets=parse_targets(r["targets"]))
-    explora, groups = count_trainable(m), dict(m.explora_config["counts"])
-    ft = count_trainable(apply_lora(meta_vit(r["arch"]), rank=r["ft_rank"], targets=parse_targets(r["ft_targets"]),
-                                    train_head=False))
-    if check and r == papers.EXPLORA_RECIPE:
-        assert explora == papers.EXACT_COUNTS["explora_vitl14_L_r64_qv"], explora
-        assert ft == papers.EXACT_COUNTS["finetune_lora_r8_qv_vitl14"], ft
-    return {"arch": r["arch"], "unfreeze": unfreeze_label(r["unfreeze"]), "rank": r["rank"],
-            "targets": targets_label(r["targets"]), "backbone_params": total, "explora_trainable": explora,
-            "explora_groups": groups, "finetune_lora_trainable": ft}
-
-
-def _objective_trainable(cfg: ExploraConfig, student: nn.Module) -> int:
-    """Parameters the objective adds that train (DinoV2: DINO/iBOT head + mask token; MAE: the decoder, or its LoRA
-    when a pre-trained decoder is configured), counted on the meta device."""
-    import warnings
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if cfg.objective == "mae":
-            from vitadapt.ssl.mae import MAEObjective
-            obj = MAEObjective(student, mask_ratio=cfg.mask_ratio, decoder_dim=cfg.decoder_dim,
-                               decoder_depth=cfg.decoder_depth, decoder_heads=cfg.decoder_heads,
-                               decoder_lora_rank=cfg.decoder_lora_rank if cfg.mae_decoder else 0)
-        else:
-            obj = build_objective(cfg, student, 0)[0]
-    return count_trainable(obj) - count_trainable(student)
-
-
 def plan_table(cfg: ExploraConfig, jobs: list[tuple[str, str, dict]] | None = None) -> pd.DataFrame:
     """Trainable parameters of every job (as :func:`ablation_variants`; default: ``cfg.variants``) on the configured
     architecture, and the objective's own (the same for every variant), built on the meta device."""
@@ -649,7 +470,7 @@ def plan_table(cfg: ExploraConfig, jobs: list[tuple[str, str, dict]] | None = No
         total = count_total(m)
         n = count_trainable(apply_variant(vcfg, m, variant))
         if variant != "frozen" and extra is None:
-            extra = _objective_trainable(vcfg, m)
+            extra = continued.objective_trainable(vcfg.objective, m, **_ssl(vcfg))
         rows.append({"variant": label, "what trains": ", ".join(f"{k}={v}" for k, v in over.items()) if over else
                      VARIANTS[variant], "trainable backbone": n, "fraction of backbone": round(n / total, 5),
                      "objective (heads/decoder)": 0 if variant == "frozen" else extra, "backbone params": total})

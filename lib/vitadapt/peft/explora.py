@@ -27,6 +27,7 @@ from torch import nn
 
 from vitadapt.peft.common import count_trainable, freeze
 from vitadapt.peft.lora import (
+    LORA_TARGETS,
     _check_positive_float,
     _check_positive_int,
     _check_targets,
@@ -38,7 +39,8 @@ from vitadapt.peft.lora import (
 )
 from vitadapt.peft.qkv import split_qkv
 
-__all__ = ["apply_explora", "merge_explora", "normalize_block_indices"]
+__all__ = ["apply_explora", "merge_explora", "normalize_block_indices", "parse_unfreeze", "unfreeze_label",
+           "parse_targets", "targets_label"]
 
 _TOKENS = ("cls_token", "reg_token")
 
@@ -157,3 +159,69 @@ def merge_explora(model: nn.Module) -> nn.Module:
     if "explora_config" in model.__dict__:
         del model.explora_config
     return model
+
+
+# ---- specs: unfrozen blocks and LoRA targets in the paper's short notation (flat notebook parameters) ----------
+
+#: short target-set names of the ablation ("mlp" stands for fc1 and fc2)
+TARGET_ALIASES = {"mlp": ("fc1", "fc2")}
+
+
+def _bare(spec: str) -> str:
+    return spec.replace(" ", "").replace("[", "").replace("]", "")
+
+
+def parse_unfreeze(spec, depth: int) -> tuple[int, ...]:
+    """Block indices (0-based, sorted) of an unfrozen-block spec in the paper's 1-based notation: ``"none"``,
+    ``"L"`` (last block), ``"1,L"``, ``"1,L-1,L"``, ``"L-2"``, or plain numbers ``"1,12"``; an int or a list of
+    ints (0-based, negative from the end, as :func:`~vitadapt.peft.explora.apply_explora`) is also accepted."""
+    spec = (spec,) if isinstance(spec, int) and not isinstance(spec, bool) else spec
+    if isinstance(spec, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+        return normalize_block_indices(tuple(spec), depth)
+    if not isinstance(spec, str):
+        raise ValueError(f"unfreeze spec {spec!r} must be a string such as 'none', 'L', '1,L', '1,L-1,L'")
+    s, out = _bare(spec), set()
+    for tok in [] if s.lower() in ("", "none", "-") else s.split(","):
+        t = tok.upper()
+        try:
+            i = depth if t == "L" else depth - int(t[2:]) if t.startswith("L-") else int(t)
+        except ValueError:
+            raise ValueError(f"unfreeze spec {spec!r}: cannot read {tok!r}; valid: 'none', or comma-separated 1-based "
+                             f"block numbers and L / L-k, e.g. 'L', '1,L', '1,L-1,L'") from None
+        if not 1 <= i <= depth:
+            raise ValueError(f"unfreeze spec {spec!r}: block {tok!r} = {i} is outside 1..{depth} for a {depth}-block model")
+        out.add(i - 1)
+    return tuple(sorted(out))
+
+
+def unfreeze_label(spec, depth: int | None = None) -> str:
+    """The paper's notation of a spec: ``[L]``, ``[1,L]``, ``none``."""
+    if isinstance(spec, str):
+        s = _bare(spec)
+        return "none" if s.lower() in ("", "none", "-") else f"[{s}]"
+    idx = parse_unfreeze(spec, depth) if depth else tuple(spec)
+    return "[" + ",".join(str(i + 1) for i in idx) + "]" if idx else "none"
+
+
+def parse_targets(spec) -> tuple[str, ...]:
+    """LoRA targets of a spec ``"q,v"``, ``"q,k,v"``, ``"q,k,v,proj"``, ``"q,k,v,proj,mlp"`` (``mlp`` = fc1 + fc2),
+    ``"none"`` (no LoRA), or a list of names among ``q, k, v, proj, fc1, fc2``."""
+    if isinstance(spec, str):
+        s = spec.replace(" ", "").replace("+", ",")
+        toks = [] if s.lower() in ("", "none", "-") else s.split(",")
+    elif isinstance(spec, (list, tuple)):
+        toks = list(spec)
+    else:
+        raise ValueError(f"targets spec {spec!r} must be a string such as 'q,v' or a list of names")
+    out = []
+    for t in toks:
+        for name in TARGET_ALIASES.get(t, (t,)):
+            if name not in LORA_TARGETS:
+                raise ValueError(f"targets spec {spec!r}: unknown target {t!r}; valid: "
+                                 f"{', '.join([*LORA_TARGETS, *TARGET_ALIASES])} or 'none'")
+            out += [name] if name not in out else []
+    return tuple(out)
+
+
+def targets_label(spec) -> str:
+    return ",".join(parse_targets(spec)).replace("fc1,fc2", "mlp") or "none"

@@ -7,6 +7,7 @@ from typing import Callable
 
 from torch import nn
 
+from vitadapt import papers
 from vitadapt.peft.common import count_total, count_trainable
 
 
@@ -20,3 +21,26 @@ def trainable(arch: str, adapt: Callable[[nn.Module], object], img_size: int | N
         model = TailViT(model, len(model.blocks) - tail_blocks)
     adapt(model)
     return count_trainable(model), count_total(model)
+
+
+def explora_recipe(arch: str | None = None, check: bool = True, **changes) -> dict:
+    """Trainable parameters of the published setting (:data:`vitadapt.papers.EXPLORA_RECIPE`, with ``changes``) on a
+    ViT built on the meta device: ExPLoRA (U = [L], r = 64, Q,V + norms + CLS) and the LoRA-r8 fine-tune (Q,V of every
+    block, without the head). With ``check`` and the recipe unchanged, asserts :data:`vitadapt.papers.EXACT_COUNTS`."""
+    from vitadapt.peft.explora import apply_explora, parse_targets, parse_unfreeze, targets_label, unfreeze_label
+    from vitadapt.peft.lora import apply_lora
+    from vitadapt.vit import meta_vit
+    r = {**papers.EXPLORA_RECIPE, **({"arch": arch} if arch else {}), **changes}
+    m = meta_vit(r["arch"])
+    total = count_total(m)
+    apply_explora(m, unfreeze_blocks=parse_unfreeze(r["unfreeze"], len(m.blocks)), rank=r["rank"],
+                  targets=parse_targets(r["targets"]))
+    explora, groups = count_trainable(m), dict(m.explora_config["counts"])
+    ft = count_trainable(apply_lora(meta_vit(r["arch"]), rank=r["ft_rank"], targets=parse_targets(r["ft_targets"]),
+                                    train_head=False))
+    if check and r == papers.EXPLORA_RECIPE:
+        assert explora == papers.EXACT_COUNTS["explora_vitl14_L_r64_qv"], explora
+        assert ft == papers.EXACT_COUNTS["finetune_lora_r8_qv_vitl14"], ft
+    return {"arch": r["arch"], "unfreeze": unfreeze_label(r["unfreeze"]), "rank": r["rank"],
+            "targets": targets_label(r["targets"]), "backbone_params": total, "explora_trainable": explora,
+            "explora_groups": groups, "finetune_lora_trainable": ft}

@@ -59,11 +59,11 @@ def result_rows(df: pd.DataFrame, table: str | Callable, keys: Sequence[str], va
     return rows
 
 
-def finish(setup, metrics: dict | None = None, results: Sequence[dict] | None = None) -> Path:
-    """Write metrics.json (``dry_run`` and ``results`` always present) and move the outputs into place."""
+def finish(setup, metrics: dict | None = None, results: Sequence[dict] | None = None) -> None:
+    """Write metrics.json (``dry_run`` and ``results`` always present), move the outputs into place and say where
+    (relative to the profile's outputs, so the notebook's text is the same on every machine)."""
     path = setup.run.finish({"dry_run": setup.dry, **(metrics or {}), "results": list(results or [])})
     print("wrote", path.relative_to(path.parents[3]))
-    return path
 
 
 # ---- 90_results: every notebook's rows beside the published ones -----------------------------------------
