@@ -17,7 +17,8 @@ from vitadapt.experiments import explora as E
 from vitadapt.finetune import TensorSet, finetune_classifier, select_then_test
 from vitadapt.jobs import JobStore, mean_std_text, summarize
 from vitadapt.protocol.tables import paired_delta
-from vitadapt.results import Run, result_row
+from vitadapt.protocol.report import result_row
+from vitadapt.results import Run
 from vitadapt.train import Diverged, fit, job, make_fabric, set_notebook
 
 pytestmark = pytest.mark.usefixtures("one_thread", "private_feature_cache")
@@ -227,7 +228,7 @@ def test_an_upstep_run_that_diverges_keeps_its_base_rows_and_marks_the_rest(monk
 
 
 def test_a_dry_run_reason_is_cut_visibly_at_a_clause():
-    from vitadapt.experiments.common import brief
+    from vitadapt.protocol.setup import brief
     assert brief(ValueError("dataset 'fmow' not found; looked in a, b")) == "dataset 'fmow' not found"
     long = brief("x (" + "y" * 300 + ")", 50)
     assert len(long) == 50 and long.endswith("…")

@@ -177,11 +177,3 @@ class Run:
         if target == self.out_dir:
             shutil.rmtree(self.out_dir / DRY_RUN_DIR, ignore_errors=True)     # a real run supersedes a dry one
         return target / "metrics.json"
-
-
-def result_row(table: str, method: str, values, metric: str = "top-1 (%)", scale: float = 100.0, **extra) -> dict:
-    """A row of the shared results schema: mean, std and n over seeds of ``values`` (fractions -> %)."""
-    import numpy as np
-    from vitadapt.jobs import summarize
-    s = summarize(np.asarray(list(values), float) * scale)     # diverged seeds (NaN) are counted, never averaged
-    return {"table": table, "method": method, "metric": metric, **s, **extra}

@@ -32,7 +32,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -40,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from vitadapt.config import ExperimentConfig, _dataset_names, opt
 from vitadapt.data import DATASETS, Splits
-from vitadapt.data.unlabelled import Unlabelled
+from vitadapt.data.unlabelled import Unlabelled, draw
 from vitadapt.jobs import checkpoint_every_s, diverged_row
 from vitadapt.paths import resolve
 from vitadapt.peft.common import count_total, count_trainable, freeze
@@ -199,8 +198,7 @@ def pretrain_pool(cfg: ExploraConfig, seed: int):
     of ``dataset``), ``n_pretrain_images`` of them drawn uniformly with ``seed`` (labels are not read, so the draw is
     not stratified)."""
     pool = setup.dataset(cfg, cfg.pretrain_dataset or cfg.dataset).train
-    n = len(pool) if cfg.n_pretrain_images == 0 else min(cfg.n_pretrain_images, len(pool))
-    return pool, sorted(np.random.default_rng(20_000 + seed).choice(len(pool), size=n, replace=False).tolist())
+    return pool, draw(cfg.n_pretrain_images or len(pool), len(pool), 20_000 + seed)
 
 
 def _ssl(cfg: ExploraConfig, fields=continued.OBJECTIVE_FIELDS) -> dict:
@@ -509,8 +507,6 @@ def result_rows(res: ExploraResults, table: str) -> list[dict]:
     """Rows of the shared results schema, one per (variant, eval), in table ``"<table>: <eval>"`` (``"ExPLoRA"``,
     ``"ExPLoRA (MAE)"``, ``"ExPLoRA ablations"``), with the pre-training's trainable backbone parameters and its wall
     time (mean over seeds)."""
-    cost = tables.means(res.runs, "variant", ["trainable_backbone", "wall_time_s"]) if len(res.runs) else None
-    num = lambda v, c, f: None if cost is None or v not in cost.index or pd.isna(cost.loc[v, c]) else f(cost.loc[v, c])
+    costs = report.row_costs(res.runs, "variant", "trainable_backbone")
     return report.result_rows(res.evals, lambda v, ev: f"{table}: {ev}", ["variant", "eval"], method=lambda v, ev: v,
-                              extra=lambda d: {"trainable": num(d["variant"].iloc[0], "trainable_backbone", int),
-                                               "wall_time_s": num(d["variant"].iloc[0], "wall_time_s", float)})
+                              extra=lambda d: costs.get(str(d["variant"].iloc[0]), {}))
