@@ -33,7 +33,8 @@ from vitadapt import papers
 from vitadapt.config import ExperimentConfig, opt
 from vitadapt.data import DATASETS, Splits
 from vitadapt.data.vtab import FGVC_TASKS, VTAB1K_TASKS, vtab_task
-from vitadapt.finetune import embed_tokens, materialize, pooled_features, run_blocks, select_then_test
+from vitadapt.finetune import (embed_tokens, materialize, pooled_features, run_blocks, seed_rows,
+                               select_then_test_in_job)
 from vitadapt.jobs import mean_std_text
 from vitadapt.peft.baselines import BASELINES, build
 from vitadapt.peft.rlrr import INITS, SIDES
@@ -124,10 +125,6 @@ class RLRRConfig(ExperimentConfig):
 
     def group_of(self, task: str) -> str:
         return next(g for g, names in self.groups.items() if task in names)
-
-    def needs(self) -> dict:
-        """The dry-run probes (:func:`vitadapt.protocol.setup.dry_run_reason`): one per task, nothing downloaded."""
-        return {f"task {t!r}": (lambda t=t: load_task(self, t, probe=True)) for t in self.tasks}
 
     def kwargs(self, method: str) -> dict:
         """The :func:`~vitadapt.peft.baselines.build` kwargs of a baseline (LoRA: its rank)."""
@@ -221,40 +218,19 @@ def model_factory(cfg: RLRRConfig, vit: nn.Module, ti: TaskInputs, method: str, 
 
 
 def _fit(cfg, vit, ti, fabric, arm: tuple[str, dict], grid, validate_single: bool = True, **what) -> dict:
-    """select_then_test of ``arm`` = (method, build kwargs) in a named job; when every grid point diverged, a result
-    whose seeds are all lost."""
-    from vitadapt.train import Diverged, job
+    """select_then_test of ``arm`` = (method, build kwargs) in a job named by the task and ``what``."""
     method, kw = arm
-    try:
-        with job(task=ti.name, **what):
-            return select_then_test(
-                model_factory(cfg, vit, ti, method, kw), ti.features if _on_features(ti, method) else ti.splits, grid,
-                num_classes=ti.num_classes, fabric=fabric, validate_single=validate_single, img_size=cfg.img_size,
-                epochs=cfg.epochs, batch_size=cfg.batch_size, warmup=cfg.warmup, label_smoothing=cfg.label_smoothing,
-                augment=cfg.augment, seeds=tuple(cfg.seeds), select_each_seed=cfg.select_each_seed,
-                progress=cfg.interactive)
-    except Diverged as e:
-        lost = {"test_acc": float("nan"), "wall_time_s": 0.0, "steps": e.step, "trainable": None, "diverged": e.short}
-        return {"diverged": e.short, "message": str(e), "selected": {}, "grid": getattr(e, "grid", []),
-                "val_acc": float("nan"), "trainable": None, "test": [{"seed": s, **lost} for s in cfg.seeds],
-                "wall_time_s": 0.0}
+    return select_then_test_in_job(
+        model_factory(cfg, vit, ti, method, kw), ti.features if _on_features(ti, method) else ti.splits, grid,
+        what={"task": ti.name, **what}, num_classes=ti.num_classes, fabric=fabric, validate_single=validate_single,
+        img_size=cfg.img_size, epochs=cfg.epochs, batch_size=cfg.batch_size, warmup=cfg.warmup,
+        label_smoothing=cfg.label_smoothing, augment=cfg.augment, seeds=cfg.seeds,
+        select_each_seed=cfg.select_each_seed, progress=cfg.interactive)
 
 
 def _rows(cfg, ti, label: dict, r: dict) -> list[dict]:
-    """One row per seed: test accuracy, the selected grid point and its val accuracy (NaN where diverged)."""
-    lost, sel, first = bool(r.get("diverged")), r["selected"], cfg.seeds[0]
-    grid_time = 0.0 if lost else sum(g["wall_time_s"] for g in r["grid"])
-    out = []
-    for t in r["test"]:
-        point = {"lr": float("nan"), "weight_decay": float("nan")} if lost else sel.get(t["seed"], sel[first])
-        at = t["seed"] if cfg.select_each_seed else first
-        val = next((g["val_acc"] for g in r["grid"] if g.get("seed") == at and g["lr"] == point["lr"]
-                    and g["weight_decay"] == point["weight_decay"]), float("nan"))
-        out.append({"task": ti.name, "group": ti.group, **label, "seed": t["seed"], "test_acc": t["test_acc"],
-                    "val_acc": val, "lr": point["lr"], "weight_decay": point["weight_decay"],
-                    "trainable": t["trainable"], "train_time_s": t["wall_time_s"], "select_time_s": grid_time,
-                    "chance": 1.0 / ti.num_classes, **({"diverged": t["diverged"]} if t.get("diverged") else {})})
-    return out
+    return [{"task": ti.name, "group": ti.group, **label, **row}
+            for row in seed_rows(r, cfg.select_each_seed, chance=1.0 / ti.num_classes)]
 
 
 def _grid_rows(ti, label, r, base_lr: float):
@@ -311,14 +287,6 @@ def run_benchmark(cfg: RLRRConfig, setup=None, vit=None, log=print) -> tuple[pd.
     return df, grid
 
 
-def _over_tasks(d: pd.DataFrame, key: str, per_task: pd.DataFrame, out: pd.DataFrame, std: str) -> pd.DataFrame:
-    """``out`` + the mean over tasks (the paper's 'mean'), its std over seeds (column ``std``), trainable."""
-    out["mean"] = per_task.mean(1, skipna=False)
-    out[std] = tables.seed_std(d, key, out.index).where(out["mean"].notna())
-    out["trainable"] = d.groupby(key, sort=False)["trainable"].max().reindex(out.index)
-    return out
-
-
 def summary_tables(df: pd.DataFrame, groups: dict, key: str = "method") -> dict[str, pd.DataFrame]:
     """Accuracy (%) per task and per group (mean over seeds), mean over tasks (the paper's 'mean'), its std
     over seeds and trainable parameters; and, apart (it varies from run to run), the training wall time. A task
@@ -326,7 +294,7 @@ def summary_tables(df: pd.DataFrame, groups: dict, key: str = "method") -> dict[
     per_task = tables.per_task(df, key)
     order = [t for g in groups.values() for t in g if t in per_task.columns]
     per_task = per_task[order]
-    out = _over_tasks(df, key, per_task, pd.DataFrame({g: per_task[[t for t in names if t in order]].mean(
+    out = tables.over_tasks(df, key, per_task, pd.DataFrame({g: per_task[[t for t in names if t in order]].mean(
         1, skipna=False) for g, names in groups.items() if set(names) & set(order)}, index=per_task.index),
         "mean std (seeds)")
     by, first = (lambda d: d.groupby(key, sort=False)), df[df["seed"] == df["seed"].iloc[0]]
@@ -434,7 +402,7 @@ def ablation_table(df: pd.DataFrame, group: str) -> pd.DataFrame:
     """Accuracy (%) per variant of one ablation group: per task, mean over tasks, std over seeds, params."""
     d = df[df["ablation"] == group]
     per_task = tables.per_task(d, "variant")
-    out = _over_tasks(d, "variant", per_task, per_task.copy(), "std (seeds)")
+    out = tables.over_tasks(d, "variant", per_task, per_task.copy())
     return tables.show_lost(out.round(1), [*per_task.columns, "mean", "std (seeds)"])
 
 
@@ -454,18 +422,11 @@ def sides_grid(df: pd.DataFrame) -> pd.DataFrame:
 def plot_ablations(df: pd.DataFrame):
     """One panel per ablation group: the mean test accuracy over tasks per variant (error bars: std over seeds),
     the official setting red; a seed with a diverged task has no mean (no bar, named in the panel)."""
-    import matplotlib.pyplot as plt
     task_mean = (df.groupby(["ablation", "variant", "official", "seed"], sort=False)["test_acc"]
                  .agg(lambda v: v.mean(skipna=False)).reset_index())
-    groups = tables.order(task_mean, "ablation")
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.4), squeeze=False)
-    for ax, g in zip(axes[0], groups):
-        d = task_mean[task_mean["ablation"] == g]
-        figures.bars(d, x="variant", panels=None, hue="official", palette={True: "tab:red", False: "tab:blue"},
-                     dodge=False, legend=False, title=g, ylabel="mean test accuracy over tasks",
-                     ylim=figures.finite_range(d["test_acc"]), rotation=60, ax=ax)
-    fig.tight_layout()
-    return fig
+    return figures.bars(task_mean, x="variant", panels="ablation", hue="official", dodge=False, legend=False,
+                        palette={True: "tab:red", False: "tab:blue"}, ylabel="mean test accuracy over tasks",
+                        ylim="data", panel_width=3.6, rotation=60, own_x=True)
 
 
 # ---- rows for the results notebook (90) and the interactive panel ------------------------------------------

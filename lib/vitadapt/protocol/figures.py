@@ -14,11 +14,13 @@ from vitadapt.protocol.tables import order as first_seen
 
 def bars(df: pd.DataFrame, x: str, y: str = "test_acc", panels: str | None = "eval", hue: str | None = None,
          hue_order: Sequence | None = None, chance: float | pd.Series | None = None, title: str = "",
-         ylabel: str = "test accuracy", ylim: tuple | None = (0, 1), palette=None, dodge: bool = True,
-         panel_width: float | None = None, rotation: int = 30, legend: bool = True, ax=None):
+         ylabel: str = "test accuracy", ylim: tuple | str | None = (0, 1), palette=None, dodge: bool = True,
+         panel_width: float | None = None, rotation: int = 30, legend: bool = True, own_x: bool = False, ax=None):
     """One bar panel per value of ``panels`` (None: one panel): mean ``y`` per ``x`` (and ``hue``) over seeds,
     error bars the std. ``chance``: a dashed line (a number) or one per ``x`` (a Series). ``ylim=None`` draws a
-    zero line and scales to the data (for changes). Bars lost to divergence are named in place. ``ax``: draw the
+    zero line and scales to the data (for changes); ``"data"`` fits each panel to its finite values
+    (:func:`finite_range`). ``own_x``: each panel shows only its own ``x`` values (else every panel all of them,
+    in one order). Bars lost to divergence are named in place. ``ax``: draw the
     (single) panel there, in a figure of the caller's."""
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -29,6 +31,7 @@ def bars(df: pd.DataFrame, x: str, y: str = "test_acc", panels: str | None = "ev
         plt.subplots(1, len(names), figsize=(width * len(names), 3.5), squeeze=False)
     for ax, name in zip(axes[0], names):
         d = df[df[panels] == name] if panels else df
+        xs = first_seen(d, x) if own_x else xs
         kw = dict(hue=hue, hue_order=hue_order or first_seen(d, hue), palette=palette, dodge=dodge) if hue else \
             dict(color="tab:blue")
         sns.barplot(d, x=x, y=y, order=xs, errorbar="sd", capsize=0.1, ax=ax, legend=legend and bool(hue), **kw)
@@ -48,6 +51,8 @@ def bars(df: pd.DataFrame, x: str, y: str = "test_acc", panels: str | None = "ev
         ax.set_title(" · ".join(str(t) for t in (name, title) if t), fontsize=9)
         if ylim is None:
             ax.axhline(0, color="gray", lw=0.8)
+        elif ylim == "data":
+            ax.set_ylim(*finite_range(d[y]))
         else:
             ax.set_ylim(*ylim)
         ax.set_ylabel(ylabel)

@@ -89,3 +89,13 @@ def seed_std(df: pd.DataFrame, key: str, index, value: str = "test_acc", scale: 
     """Std over seeds of the per-seed mean over tasks (0 with one seed), aligned to ``index``."""
     seed_means = df.groupby([key, "seed"], sort=False)[value].agg(mean_or_lost).unstack() * scale
     return seed_means.std(1, ddof=1).reindex(index).fillna(0.0)
+
+
+def over_tasks(df: pd.DataFrame, key: str, per_task_table: pd.DataFrame, out: pd.DataFrame,
+               std: str = "std (seeds)", cost: str = "trainable") -> pd.DataFrame:
+    """A multi-task table: ``out`` (rows: ``key``) + the mean over the tasks of ``per_task_table`` (NaN when any
+    task is), its std over seeds (column ``std``, via :func:`seed_std`) and the largest ``cost`` per ``key``."""
+    out["mean"] = per_task_table.mean(1, skipna=False)
+    out[std] = seed_std(df, key, out.index).where(out["mean"].notna())
+    out[cost] = df.groupby(key, sort=False)[cost].max().reindex(out.index)
+    return out
