@@ -183,8 +183,6 @@ def test_vit_surgery_helpers(tiny_vit, data):
     # meta_vit: shapes without weights, no head
     m = meta_vit("vit_tiny_patch16_224", img_size=32, depth=2)
     assert next(m.parameters()).is_meta and isinstance(m.head, torch.nn.Identity) and len(m.blocks) == 2
-    # the old import path of fresh_head/TailViT/HeadOnly still works (lib/vitadapt/experiments/* use it)
-    assert (ft.fresh_head, ft.TailViT, ft.HeadOnly) == (fresh_head, TailViT, HeadOnly)
 
 
 def test_evaluate_on_pil_needs_img_size(tiny_vit):
