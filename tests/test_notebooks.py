@@ -25,7 +25,20 @@ def test_notebook_opens_with_what_it_reproduces(path):
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith(f"# {path.stem[:2]}")
     assert "parameters" in nb.cells[1].metadata.get("tags", [])
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
-    assert "run.finish(" in nb.cells[-1].source
+    assert "= start(NOTEBOOK," in nb.cells[2].source, "the second cell builds the config and the setup"
+    assert nb.cells[-1].source.lstrip().startswith(("finish(S", "path = finish(S")) or \
+        "\nfinish(S" in nb.cells[-1].source or "\npath = finish(S" in nb.cells[-1].source, "the last cell writes the report"
+
+
+@pytest.mark.parametrize("path", NBS, ids=lambda p: p.stem)
+def test_notebooks_stay_thin(path):
+    """No private library names, no reading the run record's sources, no plotting of results inline: figures come
+    from the library, and the run record is written through the protocol."""
+    import re
+    code = "\n".join(c.source for c in nbformat.read(path, 4).cells if c.cell_type == "code")
+    assert not re.search(r"\b[A-Za-z]+\._[a-z]\w*", code), re.findall(r"\b[A-Za-z]+\._[a-z]\w*", code)
+    assert "run.sources" not in code and ".sources[" not in code
+    assert not re.search(r"\b(sns\.|plt\.subplots|\.plot\.|\.barplot\(|\.scatter\()", code), path.name
 
 
 @pytest.mark.parametrize("path", NBS, ids=lambda p: p.stem)
