@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from vitadapt.config import ExperimentConfig, opt
-from vitadapt.papers import COUNTS as PUBLISHED
+from vitadapt.papers import COUNTS as PUBLISHED, EXPLORA_RECIPE
 from vitadapt.peft.baselines import build
 from vitadapt.peft.explora import apply_explora
 from vitadapt.peft.lora import apply_lora
@@ -24,13 +24,20 @@ ARCHS = {  # label: (timm name, kwargs)
     "ViT-H/14": ("vit_huge_patch14_224", {}),
 }
 TABLE = "Trainable parameters"     # the published counts: vitadapt.papers, method "<method> | <architecture>"
+RANK = EXPLORA_RECIPE["rank"]      # ExPLoRA's published pre-training rank (64)
+
+
+def _explora(unfreeze: tuple, **kw):
+    return lambda m: apply_explora(m, unfreeze_blocks=unfreeze, rank=RANK, **kw)
+
+
 METHODS = {
-    "ExPLoRA D-[L]-r64 (pre-training)": lambda m: apply_explora(m, unfreeze_blocks=(-1,), rank=64),
-    "ExPLoRA [L] only, no LoRA": lambda m: apply_explora(m, unfreeze_blocks=(-1,), rank=64, targets=()),
-    "ExPLoRA [1,L]-r64": lambda m: apply_explora(m, unfreeze_blocks=(0, -1), rank=64),
-    "ExPLoRA [1,L-1,L]-r64": lambda m: apply_explora(m, unfreeze_blocks=(0, -2, -1), rank=64),
-    "ExPLoRA LoRA-r64 only (no block)": lambda m: apply_explora(m, unfreeze_blocks=(), rank=64),
-    "ExPLoRA [L]-r64 + MLP (r/4)": lambda m: apply_explora(m, unfreeze_blocks=(-1,), rank=64, targets=("q", "v", "fc1", "fc2")),
+    f"ExPLoRA D-[L]-r{RANK} (pre-training)": _explora((-1,)),
+    "ExPLoRA [L] only, no LoRA": _explora((-1,), targets=()),
+    f"ExPLoRA [1,L]-r{RANK}": _explora((0, -1)),
+    f"ExPLoRA [1,L-1,L]-r{RANK}": _explora((0, -2, -1)),
+    f"ExPLoRA LoRA-r{RANK} only (no block)": _explora(()),
+    f"ExPLoRA [L]-r{RANK} + MLP (r/4)": _explora((-1,), targets=("q", "v", "fc1", "fc2")),
     "LoRA r8 q,v (fine-tune, no head)": lambda m: apply_lora(m, rank=8, targets=("q", "v"), train_head=False),
     "LoRA r8 qkv (no head)": lambda m: build("lora", m),
     "RLRR (no head)": lambda m: apply_rlrr(m),
