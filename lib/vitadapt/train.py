@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -205,6 +205,23 @@ class FitResult:
         s = self.summary()
         return {**{k: s[k] for k in ("steps", "backward_passes", "skipped", "skip_fraction", "wall_time_s")},
                 "s_per_step": s["wall_time_s"] / max(1, s["steps"]), "peak_memory_mb": s["peak_memory_mb"]}
+
+    def cost(self, batch_size: int, level_mb: float = 0.0) -> dict:
+        """A run's cost, unrounded: steps, images seen (steps x ``batch_size``), wall time, seconds per step, peak
+        memory and its increment over ``level_mb`` (the level before the run, from :func:`reset_peak_memory`)."""
+        return {"steps": self.steps, "images_seen": self.steps * batch_size, "wall_time_s": self.wall_time_s,
+                "s_per_step": self.wall_time_s / max(1, self.steps), "peak_memory_mb": self.peak_memory_mb,
+                "memory_increment_mb": max(0.0, self.peak_memory_mb - level_mb)}
+
+    def final(self, keys: Sequence[str], logged: Sequence[str] = ()) -> dict:
+        """The last logged step's values as ``final_<key>``: every one of ``keys`` (None when not logged) and those
+        of ``logged`` that the step has."""
+        last = self.history[-1] if self.history else {}
+        return {**{f"final_{k}": last.get(k) for k in keys}, **{f"final_{k}": last[k] for k in logged if k in last}}
+
+    def curves(self, keys: Sequence[str], **tags) -> list[dict]:
+        """The logged steps as rows for a history table: ``tags`` (the job's names) and the ``keys`` each step has."""
+        return [{**tags, **{k: h[k] for k in keys if k in h}} for h in self.history]
 
 
 def _peak_memory_mb(device) -> float:

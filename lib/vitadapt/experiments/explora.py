@@ -44,7 +44,7 @@ from vitadapt.jobs import checkpoint_every_s, diverged_row
 from vitadapt.paths import resolve
 from vitadapt.peft.common import count_total, count_trainable, freeze
 from vitadapt.peft.explora import apply_explora, parse_targets, parse_unfreeze, targets_label, unfreeze_label
-from vitadapt.protocol import grid, probe, report, setup, tables
+from vitadapt.protocol import counts, grid, probe, report, setup, tables
 from vitadapt.protocol.counts import explora_recipe as paper_counts  # noqa: F401  (the notebooks' name)
 from vitadapt.ssl import continued
 from vitadapt.vit import meta_vit
@@ -67,7 +67,8 @@ class ExploraConfig(ExperimentConfig, continued.ObjectiveSettings):
     """ExPLoRA's extended pre-training and its comparisons (notebooks 10, 11) and ablations (notebook 12)."""
 
     objective: Literal["dinov2", "mae"] = opt("dinov2", "Self-supervised objective of the extended pre-training: the source model's own (dinov2 for DinoV2 weights, mae for MAE weights).")
-    variants: tuple = opt(tuple(VARIANTS), "Variants compared (10, 11): frozen, explora, lora_only, block_only, full.")
+    variants: tuple = opt(tuple(VARIANTS), "Variants compared (10, 11): frozen, explora, lora_only, block_only, full.",
+                          choices=lambda: list(VARIANTS))
     pretrain_dataset: str = opt("", "Unlabelled pre-training images: '' = the training split of `dataset` with its labels dropped; or a dataset name (e.g. sentinel2_tiles).")
     n_pretrain_images: int = opt(0, "Images drawn (per seed, uniformly, labels unread) from the pre-training pool; 0 = the whole pool.", min=0)
     pretrain_steps: int = opt(10, "Extended pre-training steps per (variant, seed).", min=1)
@@ -107,29 +108,22 @@ class ExploraConfig(ExperimentConfig, continued.ObjectiveSettings):
     interactive: bool = opt(False, "Show the ipywidgets panel that re-runs one configuration (needs a live kernel).")
 
     def check(self) -> None:
-        bad = [v for v in self.variants if v not in VARIANTS]
-        if bad or not self.variants:
-            raise ValueError(f"variants={list(self.variants)!r}: {bad or 'empty'} not valid; valid values: "
-                             f"{', '.join(VARIANTS)}")
+        if not self.variants:
+            raise ValueError(f"variants=[] is empty; valid values: {', '.join(VARIANTS)}")
         if self.pretrain_dataset and self.pretrain_dataset not in DATASETS:
             raise ValueError(f"pretrain_dataset={self.pretrain_dataset!r} is not valid; valid values: '' (the training "
                              f"split of dataset, unlabelled) or {', '.join(_dataset_names())}")
-        for name, parse, specs in (("unfreeze", lambda s: parse_unfreeze(s, 10_000), [self.unfreeze]),
-                                   ("ablate_unfreeze", lambda s: parse_unfreeze(s, 10_000), self.ablate_unfreeze),
-                                   ("targets", parse_targets, [self.targets]),
-                                   ("ft_targets", parse_targets, [self.ft_targets]),
-                                   ("ablate_targets", parse_targets, self.ablate_targets)):
-            for s in specs:
+        for name in ("unfreeze", "ablate_unfreeze", "targets", "ft_targets", "ablate_targets"):    # specs parse
+            for spec in v if isinstance(v := getattr(self, name), tuple) else (v,):
                 try:
-                    parse(s)
+                    parse_targets(spec) if "targets" in name else parse_unfreeze(spec, 10_000)
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from None
         if not parse_targets(self.ft_targets):
             raise ValueError(f"ft_targets={self.ft_targets!r} is empty; the fine-tune needs LoRA targets, e.g. 'q,v'")
-        if any(isinstance(r, bool) or not isinstance(r, int) for r in self.ablate_rank):
-            raise ValueError(f"ablate_rank={list(self.ablate_rank)!r}: every rank must be an integer >= 1")
-        if any(not isinstance(b, bool) for b in self.ablate_norms):
-            raise ValueError(f"ablate_norms={list(self.ablate_norms)!r}: every value must be True or False")
+        for name, kind, what in (("ablate_rank", int, "an integer >= 1"), ("ablate_norms", bool, "True or False")):
+            if any(not isinstance(v, kind) or isinstance(v, bool) != (kind is bool) for v in getattr(self, name)):
+                raise ValueError(f"{name}={list(getattr(self, name))!r}: every value must be {what}")
         if self.objective == "dinov2" and self.local_size >= self.img_size and self.n_local_crops:
             raise ValueError(f"local_size={self.local_size} must be smaller than img_size={self.img_size} (local crops "
                              f"are the small views); lower local_size or set n_local_crops=0")
@@ -268,8 +262,8 @@ def pretrain_variant(cfg: ExploraConfig, variant: str, seed: int, base: tuple[nn
     label, total = label or variant, count_total(base_model)
     rec = {"variant": label, "seed": seed, "objective": cfg.objective, "backbone_params": total}
     if variant == "frozen":
-        rec.update(trainable_backbone=0, trainable_fraction=0.0, trainable_objective=0, steps=0, images_seen=0,
-                   wall_time_s=0.0, s_per_step=None, peak_memory_mb=None, memory_increment_mb=None, final_loss=None)
+        rec.update(dict.fromkeys(COSTS), trainable_backbone=0, trainable_fraction=0.0, trainable_objective=0, steps=0,
+                   images_seen=0, wall_time_s=0.0)
         return Pretrained(label, seed, base_model, rec, [])
     fabric = fabric or fabric_from_config(cfg)
     seed_everything(seed)
@@ -284,15 +278,10 @@ def pretrain_variant(cfg: ExploraConfig, variant: str, seed: int, base: tuple[nn
               progress=progress, ckpt_path=ckpt, ckpt_every_s=checkpoint_every_s() if ckpt else None,
               config={"variant": label, "seed": seed}, **_optim(cfg))
     kept = continued.kept_backbone(objective, cfg.objective, cfg.eval_weights)
-    last = res.history[-1] if res.history else {}
-    rec.update(trainable_backbone=n_bb, trainable_fraction=n_bb / total, trainable_objective=n_obj, steps=res.steps,
-               images_seen=res.steps * cfg.pretrain_batch_size, wall_time_s=res.wall_time_s,
-               s_per_step=res.wall_time_s / max(1, res.steps), peak_memory_mb=res.peak_memory_mb,
-               memory_increment_mb=max(0.0, res.peak_memory_mb - level), final_loss=last.get("loss"),
-               **{f"final_{k}": last[k] for k in LOSSES[1:] if k in last})
-    hist = [{"variant": label, "seed": seed, **{k: h[k] for k in ("step", *LOSSES, "lr") if k in h}} for h in res.history]
+    rec.update(trainable_backbone=n_bb, trainable_fraction=n_bb / total, trainable_objective=n_obj,
+               **res.cost(cfg.pretrain_batch_size, level), **res.final(LOSSES[:1], LOSSES[1:]))
     del objective
-    return Pretrained(label, seed, kept, rec, hist)
+    return Pretrained(label, seed, kept, rec, res.curves(("step", *LOSSES, "lr"), variant=label, seed=seed))
 
 
 def _ft_splits(cfg: ExploraConfig, splits: Splits) -> Splits:
@@ -311,9 +300,9 @@ def lora_finetune(cfg: ExploraConfig, model: nn.Module, splits: Splits, seed: in
     from vitadapt.finetune import lora_classifier, train_then_test
     data, n_cls = ft_splits or _ft_splits(cfg, splits), len(splits.classes)
     head = probe.probe_head(cfg, model, info or {}, splits, seed) if cfg.ft_head_init == "probe" else None
+    points = [{"lr": float(lr), "weight_decay": float(wd)} for lr in cfg.ft_lrs for wd in cfg.ft_weight_decays]
     r = train_then_test(lambda **_: lora_classifier(model, n_cls, cfg.ft_rank, parse_targets(cfg.ft_targets),
-                                                    cfg.ft_drop_path, head), data, [{"lr": float(lr), "weight_decay": float(wd)} for lr in cfg.ft_lrs
-                                           for wd in cfg.ft_weight_decays], seed=seed, num_classes=n_cls,
+                                                    cfg.ft_drop_path, head), data, points, seed=seed, num_classes=n_cls,
                         img_size=cfg.img_size, batch_size=cfg.ft_batch_size, warmup=cfg.ft_warmup, fabric=fabric,
                         label_smoothing=cfg.ft_label_smoothing, augment=cfg.ft_augment,
                         **({"epochs": cfg.ft_epochs} if cfg.ft_epochs else {"steps": cfg.ft_steps}))
@@ -341,11 +330,9 @@ def evaluate_variant(cfg: ExploraConfig, model: nn.Module, info: dict, seed: int
 
 # ---- whole experiments: jobs (label, variant, config overrides) x seeds through the job store ----------------
 
-@dataclass
-class ExploraResults:
-    evals: pd.DataFrame     # one row per (variant, seed, eval)
-    runs: pd.DataFrame      # one row per (variant, seed): cost of the extended pre-training
-    history: pd.DataFrame   # one row per (variant, seed, step): losses
+#: evals: a row per (variant, seed, eval); runs: a row per (variant, seed), the extended pre-training's cost;
+#: history: a row per (variant, seed, step), its losses
+ExploraResults = grid.Results
 
 
 def _run_grid(cfg: ExploraConfig, jobs: list[tuple[str, str, dict]], run=None, progress: bool = False,
@@ -356,11 +343,10 @@ def _run_grid(cfg: ExploraConfig, jobs: list[tuple[str, str, dict]], run=None, p
     base = load_base(cfg)
     if run is not None:
         pre = setup.dataset(cfg, cfg.pretrain_dataset or cfg.dataset)
-        run.use("weights", base[1])
-        run.use("labelled data", setup.dataset(cfg).record())
-        run.use("pre-training data", {**pre.record(), "split": "train", "labels": "dropped (never read)",
-                                      "n_pretrain_images": cfg.n_pretrain_images or len(pre.train)})
-        run.use("starting point", {"description": starting_point(cfg, base[1])})
+        setup.record_sources(run, base[1], {"labelled data": setup.dataset(cfg), "pre-training data": {
+            **pre.record(), "split": "train", "labels": "dropped (never read)",
+            "n_pretrain_images": cfg.n_pretrain_images or len(pre.train)},
+            "starting point": {"description": starting_point(cfg, base[1])}})
     fabric, byl, cache = fabric_from_config(cfg), {label: (v, over) for label, v, over in jobs}, {}
 
     def seed_data(seed: int) -> dict:
@@ -377,21 +363,21 @@ def _run_grid(cfg: ExploraConfig, jobs: list[tuple[str, str, dict]], run=None, p
         label, seed = j["variant"], j["seed"]
         variant, over = byl[label]
         vcfg = dataclasses.replace(cfg, **over) if over else cfg
+        tag = lambda rows: [{"variant": label, **r, "chance": setup.chance(data["splits"])} for r in rows]  # noqa: E731
         with job(variant=label, seed=seed):
             data, t0 = seed_data(seed), time.perf_counter()
             try:
                 pre = pretrain_variant(vcfg, variant, seed, base, fabric, data["dec"], progress, label, ckpt=ckpt)
             except Diverged as e:
                 evs = ["linear probe", "kNN"] + ([f"LoRA-r{vcfg.ft_rank} fine-tune"] if cfg.finetune else [])
-                return {"evals": [{"variant": label, **diverged_row(seed, ev, e), "chance": setup.chance(data["splits"])}
-                                  for ev in evs], "history": [], "log": f"seed {seed} | {label:<22} | {e}",
-                        "run": {"variant": label, "seed": seed, "objective": vcfg.objective, "diverged": e.short}}
+                return {"evals": tag([diverged_row(seed, ev, e) for ev in evs]),
+                        "log": f"seed {seed} | {label:<22} | {e}",
+                        "runs": {"variant": label, "seed": seed, "objective": vcfg.objective, "diverged": e.short}}
             t1 = time.perf_counter()
             rows = evaluate_variant(vcfg, pre.model, base[1], seed, data["splits"], fabric, cfg.finetune, data["ft"])
             t2 = time.perf_counter()
         accs = ", ".join(f"{r['eval']} " + ("DIVERGED" if r.get("diverged") else f"{r['test_acc']:.3f}") for r in rows)
-        return {"evals": [{"variant": label, **r, "chance": setup.chance(data["splits"])} for r in rows],
-                "run": {**pre.record, "eval_wall_time_s": t2 - t1}, "history": pre.history,
+        return {"evals": tag(rows), "runs": {**pre.record, "eval_wall_time_s": t2 - t1}, "history": pre.history,
                 "log": f"seed {seed} | {label:<22} | trainable {pre.record['trainable_backbone']:>11,} | "
                        f"pre-train {t1 - t0:5.1f} s | eval {t2 - t1:5.1f} s | {accs}"}
     gc.collect()
@@ -400,7 +386,7 @@ def _run_grid(cfg: ExploraConfig, jobs: list[tuple[str, str, dict]], run=None, p
         outs = grid.run_jobs(run, [{"variant": label, "seed": s} for s in cfg.seeds for label in byl], work, log)
     finally:
         gc.unfreeze()
-    return ExploraResults(*grid.frames(outs, "evals", "run", "history"))
+    return grid.Results.of(outs)
 
 
 def run_comparison(cfg: ExploraConfig, run=None, progress: bool = False,
@@ -461,14 +447,11 @@ def panel_fields(cfg: ExploraConfig) -> dict:
 def plan_table(cfg: ExploraConfig, jobs: list[tuple[str, str, dict]] | None = None) -> pd.DataFrame:
     """Trainable parameters of every job (as :func:`ablation_variants`; default: ``cfg.variants``) on the configured
     architecture, and the objective's own (the same for every variant), built on the meta device."""
-    rows, extra = [], None
+    m = meta_vit(cfg.arch, cfg.img_size, **cfg.arch_kwargs)
+    total, extra, rows = count_total(m), continued.objective_trainable(cfg.objective, m, **_ssl(cfg)), []
     for label, variant, over in jobs or [(v, v, {}) for v in cfg.variants]:
         vcfg = dataclasses.replace(cfg, **over) if over else cfg
-        m = meta_vit(cfg.arch, cfg.img_size, **cfg.arch_kwargs)
-        total = count_total(m)
-        n = count_trainable(apply_variant(vcfg, m, variant))
-        if variant != "frozen" and extra is None:
-            extra = continued.objective_trainable(vcfg.objective, m, **_ssl(vcfg))
+        n = counts.trainable(cfg.arch, lambda m: apply_variant(vcfg, m, variant), cfg.img_size, cfg.arch_kwargs)[0]
         rows.append({"variant": label, "what trains": ", ".join(f"{k}={v}" for k, v in over.items()) if over else
                      VARIANTS[variant], "trainable backbone": n, "fraction of backbone": round(n / total, 5),
                      "objective (heads/decoder)": 0 if variant == "frozen" else extra, "backbone params": total})
