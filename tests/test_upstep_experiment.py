@@ -16,6 +16,7 @@ from vitadapt.eval import model_fingerprint
 from vitadapt.experiments import upstep as U
 from vitadapt.papers import CHOICES
 from vitadapt.peft.common import count_trainable
+from vitadapt.protocol import grid, probe
 from vitadapt.protocol.setup import backbone, dry_run_reason
 
 pytest.importorskip("timm")
@@ -50,7 +51,7 @@ def test_profiles_build(profile, notebook):
 @pytest.mark.parametrize("bad, match", [
     (dict(domains=["nope"]), "domains: 'nope' is not valid"),
     (dict(domains=[]), "domains=\\(\\) is empty"),
-    (dict(domains=["aid:x"]), "vtab1k:<task>"),
+    (dict(domains=["aid:x"]), "aid:x.*vtab1k:<"),
     (dict(forgetting_dataset="digits", forgetting_fallback="digits"), "equals forgetting_dataset"),
     (dict(ensemble_modes=["max"]), "ensemble_modes.*concat, average"),
     (dict(ablate_cvr=["sometimes"]), "ablate_cvr.*drift, norm, both, none"),
@@ -180,7 +181,7 @@ def test_forgetting_is_adapted_minus_base_on_the_ood_set():
                      "kNN": {"test_acc": acc / 2, "val_acc": 0.5, "selected": "k=3"}}
     target = {"base": r(0.6), "upstep": r(0.7)}
     ood = {"base": r(0.8), "upstep": r(0.5)}
-    rows = {(x["features"], x["eval"]): x for x in U._rows("d", 0, "v", target, ood, "ood", 0.1)}
+    rows = {(x["features"], x["eval"]): x for x in probe.forgetting_rows({"domain": "d"}, target, ood, "ood")}
     assert rows[("upstep", "linear probe")]["ood_delta"] == pytest.approx(0.5 - 0.8)
     assert rows[("upstep", "kNN")]["ood_delta"] == pytest.approx(0.25 - 0.4)
     assert rows[("upstep", "linear probe")]["delta_vs_base"] == pytest.approx(0.1)
@@ -255,7 +256,7 @@ def test_result_rows_schema():
     ev = pd.DataFrame([{"domain": "d", "seed": s, "features": f, "eval": "kNN", "test_acc": 0.5 + 0.1 * s,
                         "ood_delta": 0.0 if f == "base" else -0.1} for s in (0, 1) for f in ("base", "upstep")])
     runs = pd.DataFrame([{"domain": "d", "seed": s, "trainable_params": 100, "wall_time_s": 2.0} for s in (0, 1)])
-    rows = U.result_rows(U.UpStepResults(ev, runs, pd.DataFrame()))
+    rows = U.result_rows(grid.Results(ev, runs))
     by = {(r["table"], r["method"]): r for r in rows}
     acc = by[("UpStep: target top-1", "d / upstep / kNN")]
     assert acc["mean"] == pytest.approx(55.0) and acc["n"] == 2 and acc["trainable"] == 100

@@ -49,11 +49,18 @@ def load_yaml(text: str):
 
 def opt(default: Any, help: str, *, choices: Callable[[], list] | None = None,
         min: float | None = None, max: float | None = None, yaml_only: bool = False):
-    """A dataclass field with help text and validation metadata (peft style)."""
+    """A dataclass field with help text and validation metadata (peft style): ``choices()`` the valid values (of
+    every item, for a list field), ``min``/``max`` the range (of every item)."""
     meta = {"help": help, "choices": choices, "min": min, "max": max, "yaml_only": yaml_only}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def literal_values(cls: type, name: str) -> tuple:
+    """The allowed values of the ``Literal[...]`` field ``name`` of config class ``cls`` (e.g. the ``choices`` of a
+    list field whose items take the same values: ``choices=lambda: literal_values(Config, "gate")``)."""
+    return typing.get_args(typing.get_type_hints(cls)[name])
 
 
 def _dataset_names() -> list[str]:
@@ -124,10 +131,11 @@ class ExperimentConfig:
                 raise ValueError(f"{f.name}={value!r} must be a mapping")
             value = getattr(self, f.name)
             meta = f.metadata
-            if meta.get("choices") is not None:
+            if meta.get("choices") is not None:          # a list field: each of its items is one of them
                 allowed = meta["choices"]()
-                if value not in allowed:
-                    raise ValueError(f"{f.name}={value!r} is not valid; valid values: {', '.join(allowed)}")
+                if bad := [v for v in (value if hint is tuple else (value,)) if v not in allowed]:
+                    what = f"{list(value)!r}: {bad}" if hint is tuple else f"{value!r}"
+                    raise ValueError(f"{f.name}={what} is not valid; valid values: {', '.join(allowed)}")
             lo, hi = meta.get("min"), meta.get("max")
             items = value if isinstance(value, tuple) else (value,)
             for v in items:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-import typing
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -32,14 +31,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vitadapt import papers
-from vitadapt.config import ExperimentConfig, _dataset_names, opt
+from vitadapt.config import ExperimentConfig, _dataset_names, literal_values, opt
 from vitadapt.data import Splits
 from vitadapt.data.unlabelled import Unlabelled, draw
 from vitadapt.eval import eval_transform
 from vitadapt.jobs import checkpoint_every_s
 from vitadapt.peft.common import count_total, count_trainable
 from vitadapt.protocol import figures, grid, probe, report, tables
-from vitadapt.protocol.setup import backbone, chance, check_dataset, dataset, labelled
+from vitadapt.protocol.setup import backbone, chance, check_dataset, dataset, labelled, record_sources
 from vitadapt.ssl.upstep import (ENSEMBLE_MODES, UpStepAugment, UpStepGate, UpStepObjective, ensemble_features,
                                  upstep_loss_fn)
 
@@ -87,13 +86,16 @@ class UpStepConfig(ExperimentConfig):
     gate_warmup: int = opt(4, "First iterations the cv_signal gate always back-propagates.", min=0)
     aug_scale_min: float = opt(0.25, "Smallest area fraction of the random resized crops.", min=0.01, max=1.0)
     aug_vflip: Literal["overhead", "always", "never"] = opt("overhead", "Vertical flips (p 0.5): on overhead domains only, always, or never.")
-    ensemble_modes: tuple = opt(("concat", "average"), "Ensembles of base and adapted features to evaluate (concat, average; empty: none).")
+    ensemble_modes: tuple = opt(("concat", "average"), "Ensembles of base and adapted features to evaluate (concat, "
+                                "average; empty: none).", choices=lambda: ENSEMBLE_MODES)
     probe_Cs: tuple = opt((0.01, 0.1, 1.0, 10.0), "Inverse regularisation strengths of the linear probe; chosen on val.", min=1e-6, max=1e6)
     knn_ks: tuple = opt((10, 20), "k values of the weighted kNN classifier; chosen on val.", min=1, max=1000)
     probe_max_iter: int = opt(300, "L-BFGS iterations per C of the linear probe.", min=1, max=100000)
     ablation_domain: str = opt("", "Domain of the ablations (21); '' = the first of domains.")
-    ablate_cvr: tuple = opt(("none",), "CVR modes tried against the default (21).")
-    ablate_gate: tuple = opt(("none", "cv_signal"), "Gate rules tried against the default (21).")
+    ablate_cvr: tuple = opt(("none",), "CVR modes tried against the default (21).",
+                            choices=lambda: literal_values(UpStepConfig, "cvr"))
+    ablate_gate: tuple = opt(("none", "cv_signal"), "Gate rules tried against the default (21).",
+                             choices=lambda: literal_values(UpStepConfig, "gate"))
     ablate_rank: tuple = opt((32,), "LoRA ranks tried against the default (21).", min=1, max=1024)
     ablate_cvr_weight: tuple = opt((), "CVR weights tried against the default (21).", min=0.0)
 
@@ -106,10 +108,6 @@ class UpStepConfig(ExperimentConfig):
         if self.forgetting_fallback == self.forgetting_dataset:
             raise ValueError(f"forgetting_fallback={self.forgetting_fallback!r} equals forgetting_dataset; choose "
                              f"another labelled set (valid: {', '.join(_dataset_names())})")
-        for name, allowed in (("ensemble_modes", ENSEMBLE_MODES), ("ablate_cvr", _literal("cvr")),
-                              ("ablate_gate", _literal("gate"))):
-            if bad := [v for v in getattr(self, name) if v not in allowed]:
-                raise ValueError(f"{name}={list(getattr(self, name))!r}: {bad} not valid; valid values: {', '.join(allowed)}")
         if any(isinstance(r, bool) or not isinstance(r, int) for r in self.ablate_rank):
             raise ValueError(f"ablate_rank={list(self.ablate_rank)!r}: every rank must be an integer >= 1")
         if self.prototype_init == "base_kmeans" and self.n_adapt_images and self.n_adapt_images < self.n_prototypes:
@@ -124,10 +122,6 @@ class UpStepConfig(ExperimentConfig):
     @property
     def target_for_ablations(self) -> str:
         return self.ablation_domain or self.domains[0]
-
-
-def _literal(name: str) -> tuple:
-    return typing.get_args(typing.get_type_hints(UpStepConfig)[name])      # the values of a Literal field
 
 
 def forgetting_dataset_for(cfg, domain: str) -> str:
@@ -167,7 +161,7 @@ def build_objective(cfg, backbone: torch.nn.Module, seed: int, init_images: torc
 
 
 def adapt(cfg, base_model: torch.nn.Module, images: tuple[Dataset, list[int]], seed: int, domain: str = "",
-          fabric=None, progress: bool = False, ckpt=None) -> tuple[UpStepObjective, typing.Any]:
+          fabric=None, progress: bool = False, ckpt=None) -> tuple[UpStepObjective, object]:
     """UpStep on a copy of ``base_model`` (left untouched) over the unlabelled ``images`` (dataset, indices) for
     ``cfg.steps`` iterations. Returns the objective (``.model``: the adapted backbone) and the loop's result."""
     from vitadapt.train import fabric_from_config, fit, seed_everything
@@ -192,43 +186,23 @@ def adapt(cfg, base_model: torch.nn.Module, images: tuple[Dataset, list[int]], s
 def evaluate_features(cfg, base: Callable, adapted: Callable | None, splits: Splits, seed: int) -> dict[str, dict]:
     """Probe scores {feature kind: {eval: {test_acc, val_acc, selected}}} of the base, adapted (None: base only)
     and ensemble features on ``splits``; ``base``/``adapted``: :func:`vitadapt.protocol.probe.features`."""
-    fb = probe.split_features(base, splits)
-    out = {"base": probe.score(cfg, fb, seed)}
-    if adapted is not None:
-        fa = probe.split_features(adapted, splits)
-        out["upstep"] = probe.score(cfg, fa, seed)
-        for mode in cfg.ensemble_modes:
-            fe = {p: (ensemble_features(torch.from_numpy(fb[p][0]), torch.from_numpy(fa[p][0]), mode).numpy(), fb[p][1])
-                  for p in fb}
-            out[f"ensemble-{mode}"] = probe.score(cfg, fe, seed)
-    return out
-
-
-def _rows(domain: str, seed: int, variant: str, target: dict, ood: dict, ood_name: str, chance_acc: float) -> list[dict]:
-    """One row per (feature kind, eval): target scores, their change over the base model, and the forgetting."""
-    rows = []
-    for kind, evals in target.items():
-        for ev, r in evals.items():
-            o, base_o = ood.get(kind, {}).get(ev, {}), ood["base"][ev]["test_acc"]
-            rows.append({"domain": domain, "seed": seed, "variant": variant, "features": kind, "eval": ev,
-                         "test_acc": r["test_acc"], "val_acc": r["val_acc"], "selected": r["selected"],
-                         "delta_vs_base": r["test_acc"] - target["base"][ev]["test_acc"],
-                         "ood_dataset": ood_name, "ood_test_acc": o.get("test_acc"),
-                         "ood_delta": (o["test_acc"] - base_o) if o else None, "chance": chance_acc})
-    return rows
+    if adapted is None:
+        return probe.score_sets(cfg, {"base": base}, splits, seed)
+    ensemble = lambda m: lambda b, a: ensemble_features(torch.from_numpy(b), torch.from_numpy(a), m).numpy()
+    return probe.score_sets(cfg, {"base": base, "upstep": adapted}, splits, seed,
+                            {f"ensemble-{m}": ("base", "upstep", ensemble(m)) for m in cfg.ensemble_modes})
 
 
 def _eval_rows(cfg, base, adapted, splits: Splits, domain: str, seed: int, variant: str, diverged=None) -> list[dict]:
-    """:func:`_rows` on the target ``splits`` and the forgetting set; with ``diverged`` (the run's error) every
-    adapted and ensemble row is NaN with a ``diverged`` note, and the base rows stand."""
+    """A row per (feature kind, eval) on the target ``splits`` and the forgetting set
+    (:func:`~vitadapt.protocol.probe.forgetting_rows`); with ``diverged`` (the run's error) every adapted and
+    ensemble row is NaN with a ``diverged`` note, and the base rows stand."""
     ood = domain_splits(cfg, domain, seed, forgetting=True)
-    target, forgetting = evaluate_features(cfg, base, adapted, splits, seed), evaluate_features(cfg, base, adapted, ood, seed)
-    if diverged is not None:
-        lost = {ev: {"test_acc": float("nan"), "val_acc": float("nan"), "selected": ""} for ev in target["base"]}
-        for kind in ("upstep", *(f"ensemble-{m}" for m in cfg.ensemble_modes)):
-            target[kind] = forgetting[kind] = lost
-    rows = _rows(domain, seed, variant, target, forgetting, forgetting_dataset_for(cfg, domain), chance(splits))
-    return [{**r, "diverged": diverged.short} if diverged is not None and r["features"] != "base" else r for r in rows]
+    target, forgetting = (evaluate_features(cfg, base, adapted, s, seed) for s in (splits, ood))
+    lost = ("upstep", *(f"ensemble-{m}" for m in cfg.ensemble_modes)) if diverged is not None else ()
+    return probe.forgetting_rows({"domain": domain, "seed": seed, "variant": variant}, target, forgetting,
+                                 forgetting_dataset_for(cfg, domain), diverged={k: diverged.short for k in lost},
+                                 chance=chance(splits))
 
 
 def run_domain_seed(cfg, base_model, info: dict, domain: str, seed: int, variant: str = "UpStep",
@@ -248,8 +222,8 @@ def run_domain_seed(cfg, base_model, info: dict, domain: str, seed: int, variant
     else:
         rows = _eval_rows(cfg, base, probe.features(cfg, objective.model, info, device), splits, domain, seed, variant)
         last = result.history[-1] if result.history else {}         # the run's cost and final statistics
-        record = {**keys, **result.record(), "adapt_images": len(images[1]), "trainable_params": count_trainable(objective),
-                  "trainable_backbone": count_trainable(objective.model),
+        record = {**keys, **result.record(), "adapt_images": len(images[1]),
+                  "trainable_params": count_trainable(objective), "trainable_backbone": count_trainable(objective.model),
                   **{f"final_{k}": last.get(k) for k in ("loss_cluster", "cv_norm", "cv_drift")},
                   "eval_wall_time_s": round(time.perf_counter() - t0 - result.wall_time_s, 2)}
         history = [{**keys, **{k: h[k] for k in ("step", "backward", *LOG_KEYS, "lr") if k in h}} for h in result.history]
@@ -259,12 +233,6 @@ def run_domain_seed(cfg, base_model, info: dict, domain: str, seed: int, variant
     return {"evals": rows, "runs": record, "history": history, "log": line}
 
 
-#: evals: a row per (domain, seed, variant, features, eval); runs: per UpStep run, its cost and final statistics;
-#: history: per (run, step), the loss and centre-vector statistics
-UpStepResults = typing.NamedTuple("UpStepResults", [("evals", pd.DataFrame), ("runs", pd.DataFrame),
-                                                    ("history", pd.DataFrame)])
-
-
 def _start(cfg, run, domains: list[str]) -> tuple:
     """The base model, its info and the fabric; the weights, every domain and forgetting set recorded in ``run``."""
     from vitadapt.train import fabric_from_config
@@ -272,21 +240,19 @@ def _start(cfg, run, domains: list[str]) -> tuple:
     if run is not None:
         forgetting = list(dict.fromkeys(forgetting_dataset_for(cfg, d) for d in domains))
         data = {d: dataset(cfg, d, sized=False) for d in domains}
-        run.use("weights", info)
-        for key, splits in [*((f"data[{d}]", s) for d, s in data.items()),
-                            *((f"forgetting[{o}]", dataset(cfg, o, sized=False)) for o in forgetting)]:
-            run.use(key, splits.record())
-        run.use("data", {"dataset": ", ".join(domains), "source": " | ".join(s.source for s in data.values()),
-                         "forgetting": ", ".join(sorted(forgetting))})     # the summary every notebook records
+        record_sources(run, info, {**{f"data[{d}]": s for d, s in data.items()},
+                                   **{f"forgetting[{o}]": dataset(cfg, o, sized=False) for o in forgetting}},
+                       {"dataset": ", ".join(domains), "source": " | ".join(s.source for s in data.values()),
+                        "forgetting": ", ".join(sorted(forgetting))})
     return base_model, info, fabric_from_config(cfg)
 
 
-def run_upstep(cfg: UpStepConfig, run=None, progress: bool = False, log: Callable[[str], None] | None = print) -> UpStepResults:
+def run_upstep(cfg: UpStepConfig, run=None, progress: bool = False, log: Callable[[str], None] | None = print) -> grid.Results:
     """Notebook 20: base vs UpStep (and ensembles) on every domain and seed."""
     base_model, info, fabric = _start(cfg, run, list(cfg.domains))
     outs = grid.run_jobs(run, grid.product(domain=cfg.domains, seed=cfg.seeds), lambda j, ckpt: run_domain_seed(
         cfg, base_model, info, j["domain"], j["seed"], fabric=fabric, progress=progress, ckpt=ckpt), log)
-    return UpStepResults(*grid.frames(outs, "evals", "runs", "history"))
+    return grid.Results.of(outs)
 
 
 def ablation_variants(cfg: UpStepConfig) -> list[tuple[str, dict]]:
@@ -296,7 +262,7 @@ def ablation_variants(cfg: UpStepConfig) -> list[tuple[str, dict]]:
     return [(f"default (cvr={cfg.cvr}, gate={cfg.gate}, r={cfg.lora_rank})", {})] + grid.one_factor(cfg, axes)
 
 
-def run_ablations(cfg: UpStepConfig, run=None, progress: bool = False, log: Callable[[str], None] | None = print) -> UpStepResults:
+def run_ablations(cfg: UpStepConfig, run=None, progress: bool = False, log: Callable[[str], None] | None = print) -> grid.Results:
     """Notebook 21: every variant of :func:`ablation_variants` on the ablation domain, every seed; the base rows
     once per seed, last (variant ``"base"``). Each variant's ensemble rows are the ensemble on/off ablation."""
     domain, variants = cfg.target_for_ablations, dict(ablation_variants(cfg))
@@ -306,7 +272,7 @@ def run_ablations(cfg: UpStepConfig, run=None, progress: bool = False, log: Call
         fabric, include_base=False, progress=progress, ckpt=ckpt), log)
     base = probe.features(cfg, base_model, info, fabric.device)
     outs += [{"evals": _eval_rows(cfg, base, None, domain_splits(cfg, domain, s), domain, s, "base")} for s in cfg.seeds]
-    return UpStepResults(*grid.frames(outs, "evals", "runs", "history"))
+    return grid.Results.of(outs)
 
 
 def run_single(cfg: UpStepConfig, seed: int | None = None, domain: str = "", base=None, **overrides) -> pd.DataFrame:
@@ -326,13 +292,10 @@ def choices_table(cfg: UpStepConfig | None = None) -> pd.DataFrame:
     return papers.choices_table("UpStep", cfg).rename(columns={"switch": "switch (alternatives)"})
 
 
-def _with_base(evals: pd.DataFrame, by: str) -> pd.DataFrame:      # notebook 21: one base serves every variant
-    return tables.with_shared(evals, by, evals["features"] == "base")
-
-
 def accuracy_table(evals: pd.DataFrame, by: str = "domain") -> pd.DataFrame:
-    """Target test accuracy, mean ± std over seeds: rows (``by``, eval), one column per feature kind."""
-    out = tables.mean_std(_with_base(evals, by), [by, "eval"], "features")
+    """Target test accuracy, mean ± std over seeds: rows (``by``, eval), one column per feature kind (the base rows
+    of notebook 21, run once, serve every variant)."""
+    out = tables.mean_std(tables.with_shared(evals, by, evals["features"] == "base"), [by, "eval"], "features")
     out = out[[c for c in FEATURE_KINDS if c in out.columns]]
     out["chance"] = evals.groupby([by, "eval"], sort=False)["chance"].first().reindex(out.index).round(3)
     return out
@@ -340,7 +303,7 @@ def accuracy_table(evals: pd.DataFrame, by: str = "domain") -> pd.DataFrame:
 
 def forgetting_table(evals: pd.DataFrame, by: str = "domain") -> pd.DataFrame:
     """Forgetting (OOD test accuracy, adapted - base), mean ± std over seeds; the base OOD accuracy for scale."""
-    df, every = evals[evals["features"] != "base"], _with_base(evals, by)
+    df, every = evals[evals["features"] != "base"], tables.with_shared(evals, by, evals["features"] == "base")
     out = tables.mean_std(df, [by, "eval"], "features", "ood_delta", signed=True)
     out, base = out[[c for c in FEATURE_KINDS if c in out.columns]], every[every["features"] == "base"]
     if len(base):
@@ -384,14 +347,14 @@ def plot_center_vector(history: pd.DataFrame, by: str = "variant", smooth: int =
                           dashed={"cv_norm": "cv_norm_base"}, titles=titles)
 
 
-def summary(res: UpStepResults, by: str = "domain") -> dict:
+def summary(res: grid.Results, by: str = "domain") -> dict:
     """metrics.json content: mean/std/n of test accuracy and OOD change per (by, features, eval); costs."""
     keys, adapted = [by, "features", "eval"], res.evals[res.evals["features"] != "base"]
     return {"test_acc": report.summary(res.evals, keys), "ood_delta": report.summary(adapted, keys, "ood_delta"),
             "cost": report.mean_per_key(res.runs, by, COST)}
 
 
-def result_rows(res: UpStepResults, by: str = "domain", notebook: str = "20") -> list[dict]:
+def result_rows(res: grid.Results, by: str = "domain", notebook: str = "20") -> list[dict]:
     """Result rows per (``by``, features, eval): "<label>: target top-1" and "<label>: forgetting" (OOD change,
     adapted - base), with trainable parameters and wall time. UpStep has no public numbers to sit beside them."""
     label, ev = "UpStep" if notebook == "20" else "UpStep ablations", res.evals
@@ -424,7 +387,8 @@ def plan_table(cfg: UpStepConfig, ranks=None) -> pd.DataFrame:
 def panel_fields(cfg: UpStepConfig) -> dict:
     """The knobs of the ablation panel: {name: (default, options or None)}; see :func:`vitadapt.widgets.ablation_panel`."""
     ranks = sorted({1, 2, 4, 8, 16, 32, 64, cfg.lora_rank, *cfg.ablate_rank})
-    return {"cvr": (cfg.cvr, list(_literal("cvr"))), "cvr_weight": (float(cfg.cvr_weight), None),
-            "gate": (cfg.gate, list(_literal("gate"))), "lora_rank": (cfg.lora_rank, ranks), "steps": (cfg.steps, None),
+    cvrs, gates = (list(literal_values(UpStepConfig, f)) for f in ("cvr", "gate"))
+    return {"cvr": (cfg.cvr, cvrs), "cvr_weight": (float(cfg.cvr_weight), None),
+            "gate": (cfg.gate, gates), "lora_rank": (cfg.lora_rank, ranks), "steps": (cfg.steps, None),
             "lr": (float(cfg.lr), None), "seed": (cfg.seeds[0], list(cfg.seeds)),
             "domain": (cfg.target_for_ablations, list(dict.fromkeys([cfg.target_for_ablations, *cfg.domains])))}

@@ -10,6 +10,7 @@ config and code is taken from the store; ``ckpt`` is where the running job check
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
@@ -47,6 +48,21 @@ def frames(outs: Sequence[dict], *names: str) -> list[pd.DataFrame]:
             rows += v if isinstance(v, list) else ([v] if v else [])
         result.append(pd.DataFrame(rows))
     return result
+
+
+@dataclass
+class Results:
+    """A grid's outputs as frames: ``evals``, a row per evaluation (job keys, eval, scores); ``runs``, a row per
+    training run (its cost and final statistics); ``history``, a row per (run, logged step)."""
+    evals: pd.DataFrame
+    runs: pd.DataFrame = field(default_factory=pd.DataFrame)
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @classmethod
+    def of(cls, outs: Sequence[dict], names: Sequence[str] = ("evals", "runs", "history")) -> "Results":
+        """The three frames from :func:`run_jobs` outputs: the rows under each of ``names``, concatenated
+        (:func:`frames`)."""
+        return cls(*frames(outs, *names))
 
 
 def one_factor(cfg, axes: Sequence[tuple[str, Sequence, Callable[[Any], str]]],

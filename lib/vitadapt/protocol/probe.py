@@ -42,6 +42,39 @@ def split_features(get: Callable, splits) -> dict:
     return {part: get(getattr(splits, part)) for part in ("train", "val", "test")}
 
 
+def score_sets(cfg, gets: dict[str, Callable], splits, seed: int,
+               combos: dict[str, tuple[str, str, Callable]] | None = None) -> dict[str, dict]:
+    """:func:`score` of several feature sets on the same ``splits``: {name: {eval: scores}} for each of ``gets``
+    ({name: features getter, :func:`features`}) and of ``combos`` ({name: (a, b, fn)}: the features of sets ``a``
+    and ``b`` combined item by item by ``fn(Xa, Xb)``, the labels of ``a``; e.g. an ensemble of two models)."""
+    feats = {name: split_features(get, splits) for name, get in gets.items()}
+    for name, (a, b, fn) in (combos or {}).items():
+        feats[name] = {p: (fn(feats[a][p][0], feats[b][p][0]), feats[a][p][1]) for p in feats[a]}
+    return {name: score(cfg, f, seed) for name, f in feats.items()}
+
+
+def forgetting_rows(keys: dict, target: dict, ood: dict, ood_name: str, reference: str = "base",
+                    diverged: dict[str, str] | None = None, **extra) -> list[dict]:
+    """One row per (feature set, eval) of :func:`score_sets` scores: ``keys``, the ``target`` scores and their change
+    over the ``reference`` set (``delta_vs_base``), then the set's test accuracy on the out-of-domain set ``ood_name``
+    (``ood`` scores; ``ood_test_acc``) and its change over the reference there (``ood_delta``; negative: forgotten;
+    None where ``ood`` lacks the set), then ``extra``. ``diverged`` = {set: note}: sets of a run that diverged, after
+    the scored ones: NaN rows (shown "diverged") with the note in a ``diverged`` column."""
+    diverged = diverged or {}
+    lost = dict.fromkeys(diverged, {ev: {"test_acc": float("nan"), "val_acc": float("nan"), "selected": ""}
+                                    for ev in target[reference]})
+    target, ood, rows = {**target, **lost}, {**ood, **lost}, []
+    for kind, evals in target.items():
+        for ev, r in evals.items():
+            o, ref = ood.get(kind, {}).get(ev, {}), ood[reference][ev]["test_acc"]
+            rows.append({**keys, "features": kind, "eval": ev, "test_acc": r["test_acc"], "val_acc": r["val_acc"],
+                         "selected": r["selected"], "delta_vs_base": r["test_acc"] - target[reference][ev]["test_acc"],
+                         "ood_dataset": ood_name, "ood_test_acc": o.get("test_acc"),
+                         "ood_delta": (o["test_acc"] - ref) if o else None, **extra,
+                         **({"diverged": diverged[kind]} if kind in diverged else {})})
+    return rows
+
+
 def frozen_eval(cfg, model, info: dict, splits, seed: int, device="cpu", progress: bool = False) -> list[dict]:
     """Rows ``{seed, eval, test_acc, val_acc, selected}`` of the linear probe and kNN on frozen features."""
     scores = score(cfg, split_features(features(cfg, model, info, device, progress=progress), splits), seed)

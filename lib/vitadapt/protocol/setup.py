@@ -61,6 +61,17 @@ def backbone(cfg: ExperimentConfig, weights: str | None = None, arch_kwargs: dic
                            cfg.arch_kwargs if arch_kwargs is None else arch_kwargs, **kw)
 
 
+def record_sources(run, weights: dict | None = None, sources: dict | None = None,
+                   summary: dict | None = None) -> None:
+    """Record where a run's inputs come from in ``run`` (a :class:`~vitadapt.results.Run` or :class:`Setup`), in
+    this order: ``weights`` (a backbone's info) under "weights"; each of ``sources`` ({key: a :class:`Splits`,
+    recorded by its ``record()``, or a dict}); ``summary`` under "data", the one line 90_results shows (dataset
+    names and sources) where a run reads several datasets. None is left out."""
+    for key, rec in [("weights", weights), *(sources or {}).items(), ("data", summary)]:
+        if rec is not None:
+            run.use(key, rec.record() if isinstance(rec, Splits) else rec)
+
+
 def chance(splits: Splits) -> float:
     return 1.0 / max(1, len(splits.classes))
 
