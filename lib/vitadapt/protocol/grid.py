@@ -9,8 +9,8 @@ config and code is taken from the store; ``ckpt`` is where the running job check
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
@@ -50,13 +50,13 @@ def frames(outs: Sequence[dict], *names: str) -> list[pd.DataFrame]:
     return result
 
 
-@dataclass
+@dataclasses.dataclass
 class Results:
     """A grid's outputs as frames: ``evals``, a row per evaluation (job keys, eval, scores); ``runs``, a row per
     training run (its cost and final statistics); ``history``, a row per (run, logged step)."""
     evals: pd.DataFrame
-    runs: pd.DataFrame = field(default_factory=pd.DataFrame)
-    history: pd.DataFrame = field(default_factory=pd.DataFrame)
+    runs: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
+    history: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
 
     @classmethod
     def of(cls, outs: Sequence[dict], names: Sequence[str] = ("evals", "runs", "history")) -> "Results":
