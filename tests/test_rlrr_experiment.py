@@ -14,11 +14,14 @@ TINY = dict(weights="random", arch="vit_tiny_patch16_224", img_size=32,
 
 
 def test_config_validation_names_valid_values():
-    with pytest.raises(ValueError, match=r"unknown task\(s\) \['imagenet'\]"):
+    with pytest.raises(ValueError, match=r"tasks: 'imagenet' is not valid; valid values: aid, .*fgvc:<cub"):
         X.RLRRConfig(tasks=("imagenet",), groups={"natural": ["imagenet"]})
+    for unlabelled_or_unknown in ("sentinel2_tiles", "vtab1k:imagenet", "vtab1k"):
+        with pytest.raises(ValueError, match="is not valid"):
+            X.RLRRConfig(tasks=(unlabelled_or_unknown,), groups={"natural": [unlabelled_or_unknown]})
     with pytest.raises(ValueError, match="in no group"):
         X.RLRRConfig(tasks=("aid",), groups={"natural": ["fashion_mnist"]})
-    with pytest.raises(ValueError, match="methods=.*unknown \\['adapter'\\]; valid values: linear, full"):
+    with pytest.raises(ValueError, match="methods=.*\\['adapter'\\] is not valid; valid values: linear, full"):
         X.RLRRConfig(methods=("adapter",))
     with pytest.raises(ValueError, match="augment=True needs the images"):
         X.RLRRConfig(augment=True, adapt_blocks=1)

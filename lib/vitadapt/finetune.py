@@ -160,6 +160,20 @@ def pooled_features(tail: TailViT, tokens: TensorSet, batch_size: int = 64, fabr
     return _map(tail.pre_logits, tokens, "features", batch_size, fabric)
 
 
+def cached_prefix(vit: nn.Module, splits, tail_blocks: int, img_size: int, batch_size: int = 64,
+                  num_workers: int = 0, fabric=None) -> tuple:
+    """``(tokens, features)``: ``splits`` (train, val, test) as the inputs of the last ``tail_blocks`` blocks of
+    ``vit`` (its frozen patch embedding and earlier blocks run once per image: exact without augmentation), and as
+    the frozen ViT's pooled features (a linear probe's inputs); both :class:`~vitadapt.data.Splits`."""
+    import dataclasses
+    start = len(vit.blocks) - tail_blocks
+    toks = {part: run_blocks(vit.blocks[:start], embed_tokens(vit, materialize(
+        getattr(splits, part), img_size, batch_size, num_workers), batch_size, fabric), batch_size, fabric)
+        for part in ("train", "val", "test")}
+    feats = {k: pooled_features(TailViT(vit, start), v, batch_size, fabric) for k, v in toks.items()}
+    return tuple(dataclasses.replace(splits, **d) for d in (toks, feats))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Training and evaluation
 
@@ -384,6 +398,26 @@ def select_then_test(make_model: Callable[..., nn.Module], splits, grid: Sequenc
     return {"grid": grid_rows, "selected": selected, "test": test_rows,
             "test_acc": float(np.mean([r["test_acc"] for r in test_rows])), "val_acc": val_first,   # NaN if any diverged
             "trainable": test_rows[0]["trainable"], "wall_time_s": time.perf_counter() - t_all}
+
+
+def train_then_validate(make_model: Callable[..., nn.Module], splits, *, seed: int, num_classes: int, **kw) -> dict:
+    """One setting tried by hand (an interactive panel): a fresh ``make_model()`` (after ``seed_everything(seed)``)
+    trained on ``train`` and scored on ``val`` only, the test split being kept for :func:`select_then_test`'s
+    choice. ``kw``: :func:`finetune_classifier`'s (lr, weight_decay, epochs, ...); returns its result."""
+    seed_everything(seed)
+    return finetune_classifier(make_model(), splits.train, {"val": splits.val}, num_classes=num_classes, seed=seed,
+                               **kw)
+
+
+def select_then_test_steps(n_train: int, n_val: int, *, batch_size: int, epochs: float, grid_points: int,
+                           seeds: int, runs: int = 1, searches: int | None = None, tasks: int = 1) -> dict:
+    """Training steps of :func:`select_then_test` with ``epochs``: on each of ``tasks``, ``runs`` calls, of which
+    ``searches`` (default: all) search ``grid_points`` on train, and each retrains ``seeds`` times on train + val."""
+    per_epoch = lambda n: max(1, n // batch_size)
+    sel, re = per_epoch(n_train) * epochs, per_epoch(n_train + n_val) * epochs
+    steps = tasks * ((runs if searches is None else searches) * grid_points * sel + runs * seeds * re)
+    return {"selection_steps_per_run": int(sel), "retrain_steps_per_run": int(re), "grid_points": grid_points,
+            "total_steps": int(steps), "total_images": int(steps * batch_size)}
 
 
 def train_then_test(make_model: Callable[..., nn.Module], splits, grid: Sequence[dict], *, seed: int,

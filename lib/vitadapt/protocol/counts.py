@@ -23,6 +23,17 @@ def trainable(arch: str, adapt: Callable[[nn.Module], object], img_size: int | N
     return count_trainable(model), count_total(model)
 
 
+def table(arch: str, adapts: dict, img_size: int | None = None, arch_kwargs: dict | None = None,
+          tail_blocks: int = 0, index: str | list[str] = "method", column: str = "trainable"):
+    """A DataFrame of the :func:`trainable` count (no head) of each ``{name: adapt}`` on ``arch``, indexed by
+    ``index`` (a list of names when the keys are tuples, e.g. (ablation, variant))."""
+    import pandas as pd
+    names = [index] if isinstance(index, str) else list(index)
+    return pd.DataFrame([{**dict(zip(names, k if isinstance(k, tuple) else (k,))),
+                          column: trainable(arch, adapt, img_size, arch_kwargs, tail_blocks)[0]}
+                         for k, adapt in adapts.items()]).set_index(index)
+
+
 def explora_recipe(arch: str | None = None, check: bool = True, **changes) -> dict:
     """Trainable parameters of the published setting (:data:`vitadapt.papers.EXPLORA_RECIPE`, with ``changes``) on a
     ViT built on the meta device: ExPLoRA (U = [L], r = 64, Q,V + norms + CLS) and the LoRA-r8 fine-tune (Q,V of every

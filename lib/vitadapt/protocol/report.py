@@ -66,6 +66,16 @@ def finish(setup, metrics: dict | None = None, results: Sequence[dict] | None = 
     print("wrote", path.relative_to(path.parents[3]))
 
 
+def beside(paper: pd.DataFrame, ours: pd.DataFrame, ours_label: str, cols: Sequence[str], index: str,
+           digits: int = 1) -> pd.DataFrame:
+    """A published table (its source named in ``paper.attrs["label"]``) above ours, on ``cols`` (those ours has),
+    rows indexed by (source, ``index``)."""
+    both = pd.concat([paper[list(cols)].assign(source=paper.attrs["label"]),
+                      ours[[c for c in cols if c in ours.columns]].assign(source=ours_label)])
+    both.index.name = index
+    return both.reset_index().set_index(["source", index]).round(digits)
+
+
 # ---- 90_results: every notebook's rows beside the published ones -----------------------------------------
 
 def collect(profile: str, outputs: Path | None = None) -> pd.DataFrame:

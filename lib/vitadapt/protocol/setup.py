@@ -76,18 +76,44 @@ def chance(splits: Splits) -> float:
     return 1.0 / max(1, len(splits.classes))
 
 
-def check_dataset(field: str, *names) -> None:
-    """A config check: each of ``names`` (the values of config field ``field``) is a registered dataset or
-    ``vtab1k:<task>`` / ``fgvc:<task>``; else a ValueError naming the valid ones. Nothing is read."""
-    from vitadapt.config import _dataset_names
+def check_dataset(field: str, *names, exclude: tuple = ()) -> None:
+    """A config check: each of ``names`` (the values of config field ``field``) is a registered dataset (not one of
+    ``exclude``, e.g. an unlabelled one) or ``vtab1k:<task>`` / ``fgvc:<task>`` of a known task; else a ValueError
+    naming the valid ones. Nothing is read."""
     from vitadapt.data import DATASETS
+    from vitadapt.data.vtab import FGVC_TASKS, VTAB1K_TASKS
+    tasks = {"vtab1k": VTAB1K_TASKS, "fgvc": FGVC_TASKS}
     for name in names:
         if not isinstance(name, str):
             raise ValueError(f"{field}: {name!r} must be a dataset name (string)")
-        kind = name.split(":", 1)[0]
-        if kind not in DATASETS or (":" in name and kind not in ("vtab1k", "fgvc")):
-            raise ValueError(f"{field}: {name!r} is not valid; valid values: {', '.join(_dataset_names())}, "
-                             f"or vtab1k:<task> / fgvc:<task>")
+        kind, _, task = name.rpartition(":")
+        if task not in tasks.get(kind, [n for n in DATASETS if n not in (*tasks, *exclude)] if not kind else []):
+            raise ValueError(f"{field}: {name!r} is not valid; valid values: "
+                             f"{', '.join(sorted(set(DATASETS) - {*tasks, *exclude}))}, "
+                             f"vtab1k:<{'|'.join(VTAB1K_TASKS)}> or fgvc:<{'|'.join(FGVC_TASKS)}>")
+
+
+def weights_or_random(cfg: ExperimentConfig, load: Callable[..., tuple]) -> tuple:
+    """``load()`` (a backbone with ``cfg.weights``); where those weights cannot be had here (a dry run checking
+    shapes), says so and returns ``load(weights="random", arch=...)``: their architecture, with random weights."""
+    from vitadapt.models import WEIGHTS, WeightsMissingError
+    try:
+        return load()
+    except WeightsMissingError as e:
+        print(f"weights {cfg.weights!r} not available here ({brief(e)}); building {cfg.arch} with random weights")
+        return load(weights="random", arch=getattr(WEIGHTS.get(cfg.weights), "arch", None))
+
+
+def check_forward(model, adapts: list[Callable], img_size: int) -> None:
+    """A dry run's shape check: each ``adapt`` (e.g. a PEFT method) applied to a copy of ``model`` builds and maps a
+    blank ``img_size`` image to an output of the model's own shape."""
+    import copy
+    x = torch.zeros(1, 3, img_size, img_size)
+    with torch.no_grad():
+        shape = model.eval()(x).shape
+        for adapt in adapts:
+            out = adapt(copy.deepcopy(model)).eval()(x)
+            assert out.shape == shape, (out.shape, shape)
 
 
 def dry_run_reason(cfg: ExperimentConfig, needs: dict[str, Callable[[], object]] | None = None) -> str | None:

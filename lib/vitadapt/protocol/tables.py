@@ -99,3 +99,14 @@ def over_tasks(df: pd.DataFrame, key: str, per_task_table: pd.DataFrame, out: pd
     out[std] = seed_std(df, key, out.index).where(out["mean"].notna())
     out[cost] = df.groupby(key, sort=False)[cost].max().reindex(out.index)
     return out
+
+
+def timing(df: pd.DataFrame, key: str, index) -> pd.DataFrame:
+    """Wall time per ``key`` (rows ``index``): mean training time of one run; where rows carry ``select_time_s`` (a
+    grid search, repeated on each seed's row), the search per task (first seed's rows) and the total."""
+    by, first = (lambda d: d.groupby(key, sort=False)), df[df["seed"] == df["seed"].iloc[0]]
+    out = pd.DataFrame({"train s / run": by(df)["train_time_s"].mean()}).reindex(index)
+    if "select_time_s" in df:
+        out["grid search s / task"] = by(first)["select_time_s"].mean().reindex(index)
+        out["total s"] = (by(df)["train_time_s"].sum() + by(first)["select_time_s"].sum()).reindex(index)
+    return out.round(2)
