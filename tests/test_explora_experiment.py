@@ -16,6 +16,8 @@ from vitadapt import papers
 from vitadapt.config import build_config
 from vitadapt.data.unlabelled import Unlabelled
 from vitadapt.experiments import explora as E
+from vitadapt.protocol import lora_eval
+from vitadapt.ssl import continued
 from vitadapt.peft.common import count_trainable
 from vitadapt.peft.lora import has_lora
 from vitadapt.peft.qkv import SplitQKV
@@ -146,7 +148,7 @@ class _Images(Dataset):
 
 def test_unlabelled_drops_labels_unread(dino_cfg):
     pool, idx = E.pretrain_pool(dino_cfg, 0)
-    ds = Unlabelled(_Images(pool), idx[:8], E.pretrain_transform(dino_cfg))
+    ds = Unlabelled(_Images(pool), idx[:8], continued.augmentation(dino_cfg, dino_cfg.img_size))
     batch = next(iter(DataLoader(ds, batch_size=4)))
     assert isinstance(batch, list) and len(batch) == 2 + dino_cfg.n_local_crops
     assert batch[0].shape == (4, 3, 32, 32) and batch[2].shape == (4, 3, 16, 16)
@@ -272,13 +274,13 @@ def test_probe_head_reproduces_the_probe_on_images(tmp_path, dino_base):
         pred_model = m(val.x).argmax(1)
     assert torch.equal(pred_model, (cls @ W.T + b).argmax(1))
     assert evaluate(m, val) == pytest.approx(float((pred_model == torch.tensor(val.targets)).float().mean()))
-    r = E.lora_finetune(cfg, model, splits, 0, info=info)
+    r = lora_eval.lora_finetune(cfg, model, splits, 0, info=info)
     assert "head from probe" in r["selected"]
 
 
 def test_finetune_grid_is_chosen_on_val(tmp_path, dino_base):
     cfg = make_cfg(tmp_path, ft_lrs=[1e-3, 1e-2])
-    r = E.lora_finetune(cfg, dino_base[0], setup.labelled(cfg, 0), 0)
+    r = lora_eval.lora_finetune(cfg, dino_base[0], setup.labelled(cfg, 0), 0)
     assert "(on val)" in r["selected"] and r["val_acc"] is not None
 
 

@@ -7,10 +7,9 @@ Protocol for every (variant, seed) (REFERENCE.md section 1):
    masked reconstruction) on **unlabelled** target images (:class:`vitadapt.data.unlabelled.Unlabelled` drops each
    label unread) for ``pretrain_steps`` steps of ``pretrain_batch_size`` images (:func:`pretrain_variant`);
 3. the LoRA updates are merged and qkv fused back: a plain timm ViT (:func:`vitadapt.peft.explora.merge_explora`);
-4. it is evaluated on the labelled target (:func:`evaluate_variant`): a linear probe (C chosen on val) and kNN (k
-   chosen on val) on frozen features (:func:`vitadapt.protocol.probe.frozen_eval`), and a LoRA-r8 fine-tune
-   (:func:`lora_finetune`, through :mod:`vitadapt.finetune`: learning rate and weight decay chosen on val when a grid
-   is given, test scored once).
+4. it is evaluated on the labelled target (:func:`evaluate_variant`): a linear probe and kNN on frozen features
+   (:mod:`vitadapt.protocol.probe`) and a LoRA-r8 fine-tune (:mod:`vitadapt.protocol.lora_eval`); whatever is
+   chosen is chosen on val, and test is scored once.
 
 Variants (:data:`VARIANTS`): the frozen source model; ExPLoRA (unfrozen blocks U + LoRA on the other blocks + every
 LayerNorm + the CLS token); LoRA only (no unfrozen block); unfrozen block only (no LoRA); full-parameter continued
@@ -30,21 +29,19 @@ import dataclasses
 import gc
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable
 
 import pandas as pd
-import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from vitadapt.config import ExperimentConfig, _dataset_names, opt
 from vitadapt.data import DATASETS, Splits
-from vitadapt.data.unlabelled import Unlabelled, draw
+from vitadapt.data.unlabelled import draw
 from vitadapt.jobs import checkpoint_every_s, diverged_row
 from vitadapt.paths import resolve
-from vitadapt.peft.common import count_total, count_trainable, freeze
+from vitadapt.peft.common import count_total, count_trainable
 from vitadapt.peft.explora import apply_explora, parse_targets, parse_unfreeze, targets_label, unfreeze_label
-from vitadapt.protocol import counts, grid, probe, report, setup, tables
+from vitadapt.protocol import counts, grid, lora_eval, probe, report, setup, tables
 from vitadapt.protocol.counts import explora_recipe as paper_counts  # noqa: F401  (the notebooks' name)
 from vitadapt.ssl import continued
 from vitadapt.vit import meta_vit
@@ -63,21 +60,13 @@ LOSSES = ("loss", "dino", "ibot", "koleo", "mse")
 # ---- configuration ------------------------------------------------------------------------------------------------
 
 @dataclass
-class ExploraConfig(ExperimentConfig, continued.ObjectiveSettings):
+class ExploraConfig(ExperimentConfig, continued.PretrainSettings, lora_eval.LoraFinetuneSettings):
     """ExPLoRA's extended pre-training and its comparisons (notebooks 10, 11) and ablations (notebook 12)."""
 
-    objective: Literal["dinov2", "mae"] = opt("dinov2", "Self-supervised objective of the extended pre-training: the source model's own (dinov2 for DinoV2 weights, mae for MAE weights).")
     variants: tuple = opt(tuple(VARIANTS), "Variants compared (10, 11): frozen, explora, lora_only, block_only, full.",
                           choices=lambda: list(VARIANTS))
     pretrain_dataset: str = opt("", "Unlabelled pre-training images: '' = the training split of `dataset` with its labels dropped; or a dataset name (e.g. sentinel2_tiles).")
     n_pretrain_images: int = opt(0, "Images drawn (per seed, uniformly, labels unread) from the pre-training pool; 0 = the whole pool.", min=0)
-    pretrain_steps: int = opt(10, "Extended pre-training steps per (variant, seed).", min=1)
-    pretrain_batch_size: int = opt(8, "Images per pre-training step (DinoV2: each gives 2 global + n_local_crops local crops).", min=2, max=65536)
-    pretrain_lr: float = opt(1e-3, "Peak AdamW learning rate of the extended pre-training (the same for every variant).", min=0.0, max=10.0)
-    pretrain_weight_decay: float = opt(0.04, "AdamW weight decay of matrices (DinoV2: 0.04; MAE: 0).", min=0.0, max=1.0)
-    pretrain_beta2: float = opt(0.0, "AdamW beta2; 0 = the objective's (DinoV2 0.999, MAE 0.95).", min=0.0, max=0.99999)
-    pretrain_warmup: int = opt(1, "Linear warm-up steps, then cosine decay to 0.", min=0)
-    grad_clip: float = opt(3.0, "Gradient-norm clipping (DinoV2: 3.0); 0 = none.", min=0.0)
     # trainable set (ExPLoRA)
     unfreeze: str = opt("L", "Blocks trained in full, paper notation: 'none', 'L', '1,L', '1,L-1,L' (1-based, L = last).")
     rank: int = opt(64, "LoRA rank of the extended pre-training (paper: 64).", min=1, max=4096)
@@ -88,18 +77,6 @@ class ExploraConfig(ExperimentConfig, continued.ObjectiveSettings):
     probe_Cs: tuple = opt((0.01, 0.1, 1.0, 10.0), "Inverse regularisation strengths of the linear probe; chosen on val.", min=1e-6, max=1e6)
     knn_ks: tuple = opt((10, 20), "k values of the weighted kNN classifier; chosen on val.", min=1, max=1000)
     finetune: bool = opt(True, "Also run the LoRA-r8 fine-tune on the labelled target (10, 11).")
-    ft_rank: int = opt(8, "LoRA rank of the fine-tune (paper 8).", min=1, max=4096)
-    ft_targets: str = opt("q,v", "LoRA targets of the fine-tune (paper: q,v of every block).")
-    ft_steps: int = opt(20, "Fine-tune steps (used when ft_epochs is 0).", min=1)
-    ft_epochs: float = opt(0.0, "Fine-tune epochs (paper 120); 0 = use ft_steps.", min=0.0)
-    ft_batch_size: int = opt(16, "Fine-tune batch size (paper 128).", min=1, max=65536)
-    ft_lrs: tuple = opt((5e-4,), "Fine-tune learning rates; more than one grid point is chosen on val.", min=1e-8, max=10.0)
-    ft_weight_decays: tuple = opt((0.05,), "Fine-tune weight decays (grid with ft_lrs).", min=0.0, max=10.0)
-    ft_warmup: float = opt(0.1, "Fine-tune warm-up: a fraction of the steps (< 1) or a number of steps.", min=0.0)
-    ft_label_smoothing: float = opt(0.1, "Fine-tune label smoothing (paper 0.1).", min=0.0, max=0.99)
-    ft_drop_path: float = opt(0.2, "Fine-tune drop-path rate, rising linearly over the blocks (paper 0.2).", min=0.0, max=0.9)
-    ft_augment: bool = opt(True, "Fine-tune with random resized crops and flips (off: images are decoded once).")
-    ft_head_init: Literal["fresh", "probe"] = opt("fresh", "Head of the fine-tune: fresh (paper: random init) or probe (LP-FT: the logistic-regression probe on the model's CLS features, C chosen on val; for budgets far too short to train a fresh head).")
     # ablations (12)
     ablate_unfreeze: tuple = opt(("none", "1,L", "1,L-1,L"), "Unfrozen-block specs tried against the default (12).")
     ablate_rank: tuple = opt((8, 16), "LoRA ranks tried against the default (12).", min=1, max=4096)
@@ -162,28 +139,14 @@ def apply_variant(cfg: ExploraConfig, model: nn.Module, variant: str) -> nn.Modu
 # ---- backbone, unlabelled images, objectives -------------------------------------------------------------------
 
 def starting_point(cfg: ExploraConfig, info: dict | None = None) -> str:
-    """One plain sentence on what the extended pre-training starts from (printed by the notebooks, kept in
-    metrics.json), so an MAE run from DinoV2 weights is never mistaken for MAE-pretrained ExPLoRA."""
-    used = str((info or {}).get("weights_used", cfg.weights))
-    if cfg.objective == "dinov2":
-        return (f"DinoV2 continued pre-training from {used} ({cfg.arch}); DINO/iBOT heads freshly initialised "
-                f"(DinoV2 checkpoints have none, as in the paper)")
-    kind = "a DinoV2 encoder" if "dinov2" in used or used == "auto" else "an encoder"   # auto: DinoV2 ViT-S/14
-    enc = (f"the MAE encoder {used}" if used.startswith("mae_") else
-           "a randomly initialised encoder (a smoke test of the code path, not of the method)" if used == "random" else
-           f"{used}, {kind} that is NOT an MAE encoder (no MAE weights are available offline): this is MAE "
-           f"continued pre-training of {kind}, not ExPLoRA on MAE weights")
-    dec = (f"the pre-trained MAE decoder from {cfg.mae_decoder} with LoRA rank {cfg.decoder_lora_rank}" if cfg.mae_decoder
-           else f"a freshly initialised decoder ({cfg.decoder_dim}-d, {cfg.decoder_depth} blocks) trained alone for "
-                f"{cfg.decoder_warmup_steps} steps (encoder frozen), then in full with every variant")
-    return f"MAE continued pre-training from {enc}; decoder: {dec}"
+    """What the extended pre-training starts from, in one sentence (:func:`vitadapt.ssl.continued.starting_point`)."""
+    return continued.starting_point(cfg, (info or {}).get("weights_used", cfg.weights), cfg.arch)
 
 
 def load_base(cfg: ExploraConfig, weights: str | None = None, verbose: bool = True) -> tuple[nn.Module, dict]:
-    """The source backbone ``(model, info)``. DinoV2's local crops need a ViT that takes other input sizes: it is
-    created with ``dynamic_img_size=True`` (same outputs at ``img_size``, so it shares the frozen-feature cache)."""
-    kw = {**cfg.arch_kwargs, "dynamic_img_size": True} if cfg.objective == "dinov2" else dict(cfg.arch_kwargs)
-    model, info = setup.backbone(cfg, weights, arch_kwargs=kw, verbose=verbose)
+    """The source backbone ``(model, info)``, in eval mode (DinoV2: one that takes the local crops' sizes too)."""
+    model, info = setup.backbone(cfg, weights, arch_kwargs=continued.backbone_kwargs(cfg, cfg.arch_kwargs),
+                                 verbose=verbose)
     return model.eval(), info
 
 
@@ -195,47 +158,16 @@ def pretrain_pool(cfg: ExploraConfig, seed: int):
     return pool, draw(cfg.n_pretrain_images or len(pool), len(pool), 20_000 + seed)
 
 
-def _ssl(cfg: ExploraConfig, fields=continued.OBJECTIVE_FIELDS) -> dict:
-    return {f: getattr(cfg, f) for f in fields}
-
-
-def pretrain_transform(cfg: ExploraConfig):
-    return continued.augmentation(cfg.objective, **_ssl(cfg, continued.AUGMENT_FIELDS))
-
-
-def _loader(cfg: ExploraConfig, seed: int) -> DataLoader:
-    data = Unlabelled(*pretrain_pool(cfg, seed), pretrain_transform(cfg))
-    if len(data) < cfg.pretrain_batch_size:
-        raise ValueError(f"{len(data)} pre-training images but pretrain_batch_size={cfg.pretrain_batch_size}; lower the "
-                         f"batch size or raise n_pretrain_images")
-    return DataLoader(data, batch_size=cfg.pretrain_batch_size, shuffle=True, drop_last=True,
-                      num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(seed))
-
-
-def _optim(cfg: ExploraConfig) -> dict:
-    """The AdamW settings of ``fit`` every pre-training (and the MAE decoder warm-up) shares."""
-    return dict(weight_decay=cfg.pretrain_weight_decay, warmup=cfg.pretrain_warmup, grad_clip=cfg.grad_clip or None,
-                betas=continued.betas(cfg.objective, cfg.pretrain_beta2))
-
-
 def build_objective(cfg: ExploraConfig, student: nn.Module, seed: int, decoder_state: dict | None = None):
     """``(objective, loss_fn, on_step)`` around ``student`` (:func:`vitadapt.ssl.continued.build_objective`)."""
-    return continued.build_objective(cfg.objective, student, seed, cfg.pretrain_steps, decoder_state, **_ssl(cfg))
+    return continued.build_objective(cfg, student, seed, decoder_state=decoder_state)
 
 
 def warm_decoder(cfg: ExploraConfig, base_model: nn.Module, seed: int, fabric=None) -> dict | None:
-    """MAE without decoder weights: train a fresh decoder alone (encoder frozen) for ``decoder_warmup_steps`` on the
-    unlabelled target images; returns its weights, shared by every variant of this seed. ``None`` when there is
-    nothing to warm (DinoV2, a checkpoint, or 0 steps)."""
-    if cfg.objective != "mae" or cfg.mae_decoder or cfg.decoder_warmup_steps == 0:
-        return None
-    from vitadapt.train import fabric_from_config, fit, seed_everything
-    seed_everything(seed)
-    obj, loss_fn, _ = continued.build_objective("mae", freeze(copy.deepcopy(base_model)), seed,
-                                                cfg.decoder_warmup_steps, **_ssl(cfg))
-    fit(fabric or fabric_from_config(cfg), obj, loss_fn, _loader(cfg, 30_000 + seed), steps=cfg.decoder_warmup_steps,
-        lr=cfg.decoder_warmup_lr or cfg.pretrain_lr, **_optim(cfg))
-    return continued.decoder_weights(obj)
+    """MAE without decoder weights: the fresh decoder trained alone on this seed's images, shared by every variant."""
+    from vitadapt.train import fabric_from_config
+    return continued.warm_decoder(cfg, base_model, pretrain_pool(cfg, seed), cfg.img_size, seed,
+                                  fabric or fabric_from_config(cfg), cfg.num_workers)
 
 
 # ---- one (variant, seed): extended pre-training, merge, evaluation ----------------------------------------------
@@ -271,45 +203,19 @@ def pretrain_variant(cfg: ExploraConfig, variant: str, seed: int, base: tuple[nn
     n_bb = count_trainable(student)
     objective, loss_fn, on_step = build_objective(cfg, student, seed, decoder_state)
     n_obj = count_trainable(objective) - n_bb          # heads, mask token, decoder (before merging frees everything)
-    seed_everything(seed)   # the initialisations above draw differently per variant: reseed, so every variant of a
-    loader = _loader(cfg, seed)                        # seed sees the same images with the same crops, in order
+    # the initialisations above draw differently per variant: reseed, so every variant of a seed sees the same
+    # images with the same crops, in order
+    seed_everything(seed)
+    loader = continued.loader(cfg, pretrain_pool(cfg, seed), cfg.img_size, seed, cfg.num_workers)
     level = reset_peak_memory(fabric.device)
     res = fit(fabric, objective, loss_fn, loader, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, on_step=on_step,
               progress=progress, ckpt_path=ckpt, ckpt_every_s=checkpoint_every_s() if ckpt else None,
-              config={"variant": label, "seed": seed}, **_optim(cfg))
-    kept = continued.kept_backbone(objective, cfg.objective, cfg.eval_weights)
+              config={"variant": label, "seed": seed}, **continued.optim(cfg))
+    kept = continued.kept_backbone(objective, cfg)
     rec.update(trainable_backbone=n_bb, trainable_fraction=n_bb / total, trainable_objective=n_obj,
                **res.cost(cfg.pretrain_batch_size, level), **res.final(LOSSES[:1], LOSSES[1:]))
     del objective
     return Pretrained(label, seed, kept, rec, res.curves(("step", *LOSSES, "lr"), variant=label, seed=seed))
-
-
-def _ft_splits(cfg: ExploraConfig, splits: Splits) -> Splits:
-    """The labelled splits decoded once (the training images stay PIL when ``ft_augment`` needs them; val only when
-    a grid reads it)."""
-    from vitadapt.finetune import decoded
-    return decoded(splits, cfg.img_size, train=not cfg.ft_augment, val=len(cfg.ft_lrs) * len(cfg.ft_weight_decays) > 1)
-
-
-def lora_finetune(cfg: ExploraConfig, model: nn.Module, splits: Splits, seed: int, fabric=None,
-                  ft_splits: Splits | None = None, info: dict | None = None) -> dict:
-    """LoRA fine-tune (rank ``ft_rank`` on ``ft_targets`` of every block, alpha = rank, drop-path ``ft_drop_path``, a
-    fresh head or, with ``ft_head_init="probe"``, the probe's :func:`~vitadapt.protocol.probe.probe_head`) of a copy
-    of ``model``, through :mod:`vitadapt.finetune`. One (lr, weight decay) point: trained on train, scored once on
-    test (no val pass); several: chosen on val, retrained on train + val, test once. Returns an evaluation row."""
-    from vitadapt.finetune import lora_classifier, train_then_test
-    data, n_cls = ft_splits or _ft_splits(cfg, splits), len(splits.classes)
-    head = probe.probe_head(cfg, model, info or {}, splits, seed) if cfg.ft_head_init == "probe" else None
-    points = [{"lr": float(lr), "weight_decay": float(wd)} for lr in cfg.ft_lrs for wd in cfg.ft_weight_decays]
-    r = train_then_test(lambda **_: lora_classifier(model, n_cls, cfg.ft_rank, parse_targets(cfg.ft_targets),
-                                                    cfg.ft_drop_path, head), data, points, seed=seed, num_classes=n_cls,
-                        img_size=cfg.img_size, batch_size=cfg.ft_batch_size, warmup=cfg.ft_warmup, fabric=fabric,
-                        label_smoothing=cfg.ft_label_smoothing, augment=cfg.ft_augment,
-                        **({"epochs": cfg.ft_epochs} if cfg.ft_epochs else {"steps": cfg.ft_steps}))
-    return {"seed": seed, "eval": f"LoRA-r{cfg.ft_rank} fine-tune", "test_acc": r["test_acc"], "val_acc": r["val_acc"],
-            "selected": f"lr={r['point']['lr']:g}, wd={r['point']['weight_decay']:g} ({r['chosen']})"
-                        + (f"; head from probe C={head[2]:g}" if head is not None else ""),
-            "ft_trainable": r["trainable"], "ft_wall_time_s": r["wall_time_s"], "ft_steps": r["steps"]}
 
 
 def evaluate_variant(cfg: ExploraConfig, model: nn.Module, info: dict, seed: int, splits: Splits | None = None,
@@ -322,7 +228,7 @@ def evaluate_variant(cfg: ExploraConfig, model: nn.Module, info: dict, seed: int
     if cfg.finetune if finetune is None else finetune:
         try:
             with job(eval="fine-tune"):
-                rows.append(lora_finetune(cfg, model, splits, seed, fabric, ft_splits, info))
+                rows.append(lora_eval.lora_finetune(cfg, model, splits, seed, fabric, ft_splits, info))
         except Diverged as e:
             rows.append(diverged_row(seed, f"LoRA-r{cfg.ft_rank} fine-tune", e))
     return rows
@@ -330,8 +236,7 @@ def evaluate_variant(cfg: ExploraConfig, model: nn.Module, info: dict, seed: int
 
 # ---- whole experiments: jobs (label, variant, config overrides) x seeds through the job store ----------------
 
-#: evals: a row per (variant, seed, eval); runs: a row per (variant, seed), the extended pre-training's cost;
-#: history: a row per (variant, seed, step), its losses
+#: evals: a row per (variant, seed, eval); runs: per (variant, seed), the pre-training's cost; history: its losses
 ExploraResults = grid.Results
 
 
@@ -353,7 +258,7 @@ def _run_grid(cfg: ExploraConfig, jobs: list[tuple[str, str, dict]], run=None, p
         if seed not in cache:
             cache.clear()
             splits = setup.labelled(cfg, seed)
-            cache[seed] = dict(splits=splits, ft=_ft_splits(cfg, splits) if cfg.finetune else None,
+            cache[seed] = dict(splits=splits, ft=lora_eval.decoded_splits(cfg, splits) if cfg.finetune else None,
                                dec=warm_decoder(cfg, base[0], seed, fabric))
         return cache[seed]
 
@@ -448,7 +353,7 @@ def plan_table(cfg: ExploraConfig, jobs: list[tuple[str, str, dict]] | None = No
     """Trainable parameters of every job (as :func:`ablation_variants`; default: ``cfg.variants``) on the configured
     architecture, and the objective's own (the same for every variant), built on the meta device."""
     m = meta_vit(cfg.arch, cfg.img_size, **cfg.arch_kwargs)
-    total, extra, rows = count_total(m), continued.objective_trainable(cfg.objective, m, **_ssl(cfg)), []
+    total, extra, rows = count_total(m), continued.objective_trainable(cfg, m), []
     for label, variant, over in jobs or [(v, v, {}) for v in cfg.variants]:
         vcfg = dataclasses.replace(cfg, **over) if over else cfg
         n = counts.trainable(cfg.arch, lambda m: apply_variant(vcfg, m, variant), cfg.img_size, cfg.arch_kwargs)[0]

@@ -6,8 +6,8 @@ the objective around a student whose trainable set is already chosen, its augmen
 - MAE: masked reconstruction (:mod:`vitadapt.ssl.mae`); a pre-trained decoder (an official MAE checkpoint) gets LoRA,
   a fresh one trains in full, optionally warmed up alone first (its weights passed as ``decoder_state``).
 
-The functions take the settings they read by name (:data:`OBJECTIVE_FIELDS`, :data:`AUGMENT_FIELDS`), so a config
-with those fields passes them as they are.
+The functions take a :class:`PretrainSettings` (the fields they read; an experiment's config inherits it) and, apart,
+what an experiment config holds anyway (image size, workers).
 """
 
 from __future__ import annotations
@@ -18,22 +18,29 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from vitadapt.config import opt
 from vitadapt.data import DataMissingError
+from vitadapt.data.unlabelled import Unlabelled
 from vitadapt.paths import resolve
 
-OBJECTIVE_FIELDS = ("n_prototypes", "head_hidden_dim", "head_bottleneck_dim", "teacher_momentum",
-                    "teacher_temp_warmup_steps", "centering", "mask_ratio", "decoder_dim", "decoder_depth",
-                    "decoder_heads", "decoder_lora_rank", "mae_decoder")
-AUGMENT_FIELDS = ("img_size", "local_size", "n_local_crops", "global_scale_min", "local_scale_max")
 DECODER_PREFIXES = ("decoder_embed.", "decoder.", "decoder_pred.")
 
 
 @dataclass
-class ObjectiveSettings:
-    """The objectives' settings, as config fields (a mixin of an experiment's config)."""
+class PretrainSettings:
+    """What a continued pre-training reads: the objective, its optimisation and its views, as config fields (a
+    mixin of an experiment's config; the functions below take such a config)."""
 
+    objective: Literal["dinov2", "mae"] = opt("dinov2", "Self-supervised objective of the extended pre-training: the source model's own (dinov2 for DinoV2 weights, mae for MAE weights).")
+    pretrain_steps: int = opt(10, "Extended pre-training steps per (variant, seed).", min=1)
+    pretrain_batch_size: int = opt(8, "Images per pre-training step (DinoV2: each gives 2 global + n_local_crops local crops).", min=2, max=65536)
+    pretrain_lr: float = opt(1e-3, "Peak AdamW learning rate of the extended pre-training (the same for every variant).", min=0.0, max=10.0)
+    pretrain_weight_decay: float = opt(0.04, "AdamW weight decay of matrices (DinoV2: 0.04; MAE: 0).", min=0.0, max=1.0)
+    pretrain_beta2: float = opt(0.0, "AdamW beta2; 0 = the objective's (DinoV2 0.999, MAE 0.95).", min=0.0, max=0.99999)
+    pretrain_warmup: int = opt(1, "Linear warm-up steps, then cosine decay to 0.", min=0)
+    grad_clip: float = opt(3.0, "Gradient-norm clipping (DinoV2: 3.0); 0 = none.", min=0.0)
     # DinoV2 objective
     n_prototypes: int = opt(65536, "Prototypes of the DINO/iBOT head (paper 65,536).", min=2, max=1_000_000)
     head_hidden_dim: int = opt(2048, "Hidden width of the DINO/iBOT head MLP (paper 2048).", min=1)
@@ -57,14 +64,37 @@ class ObjectiveSettings:
     decoder_warmup_lr: float = opt(0.0, "Learning rate of the decoder warm-up; 0 = pretrain_lr.", min=0.0, max=10.0)
 
 
-def augmentation(kind: str, img_size: int, local_size: int, n_local_crops: int, global_scale_min: float,
-                 local_scale_max: float):
+def backbone_kwargs(s: PretrainSettings, arch_kwargs: dict) -> dict:
+    """DinoV2's local crops need a ViT that takes other input sizes: ``dynamic_img_size=True`` (same outputs at the
+    configured size, so the frozen-feature cache is shared)."""
+    return {**arch_kwargs, "dynamic_img_size": True} if s.objective == "dinov2" else dict(arch_kwargs)
+
+
+def starting_point(s: PretrainSettings, weights_used: str, arch: str) -> str:
+    """One plain sentence on what the pre-training starts from, so an MAE run from DinoV2 weights is never mistaken
+    for MAE-pretrained ExPLoRA."""
+    used = str(weights_used)
+    if s.objective == "dinov2":
+        return (f"DinoV2 continued pre-training from {used} ({arch}); DINO/iBOT heads freshly initialised "
+                f"(DinoV2 checkpoints have none, as in the paper)")
+    kind = "a DinoV2 encoder" if "dinov2" in used or used == "auto" else "an encoder"   # auto: DinoV2 ViT-S/14
+    enc = (f"the MAE encoder {used}" if used.startswith("mae_") else
+           "a randomly initialised encoder (a smoke test of the code path, not of the method)" if used == "random" else
+           f"{used}, {kind} that is NOT an MAE encoder (no MAE weights are available offline): this is MAE "
+           f"continued pre-training of {kind}, not ExPLoRA on MAE weights")
+    dec = (f"the pre-trained MAE decoder from {s.mae_decoder} with LoRA rank {s.decoder_lora_rank}" if s.mae_decoder
+           else f"a freshly initialised decoder ({s.decoder_dim}-d, {s.decoder_depth} blocks) trained alone for "
+                f"{s.decoder_warmup_steps} steps (encoder frozen), then in full with every variant")
+    return f"MAE continued pre-training from {enc}; decoder: {dec}"
+
+
+def augmentation(s: PretrainSettings, img_size: int):
     """DinoV2: multi-crop (2 global crops at ``img_size``, ``n_local_crops`` at ``local_size``); MAE: random resized
     crop (scale 0.2-1) + horizontal flip (MAE's pre-training transform); both ImageNet-normalised."""
-    if kind == "dinov2":
+    if s.objective == "dinov2":
         from vitadapt.ssl.dinov2 import DinoV2Augment
-        return DinoV2Augment(global_size=img_size, local_size=local_size, n_local=n_local_crops,
-                             global_scale=(global_scale_min, 1.0), local_scale=(0.05, local_scale_max))
+        return DinoV2Augment(global_size=img_size, local_size=s.local_size, n_local=s.n_local_crops,
+                             global_scale=(s.global_scale_min, 1.0), local_scale=(0.05, s.local_scale_max))
     from torchvision import transforms as T
 
     from vitadapt.eval import IMAGENET_MEAN, IMAGENET_STD
@@ -73,9 +103,21 @@ def augmentation(kind: str, img_size: int, local_size: int, n_local_crops: int, 
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def betas(kind: str, beta2: float = 0.0) -> tuple[float, float]:
-    """AdamW betas: ``beta2`` when given, else the objective's (DinoV2 0.999, MAE 0.95)."""
-    return 0.9, beta2 or (0.999 if kind == "dinov2" else 0.95)
+def loader(s: PretrainSettings, images: tuple, img_size: int, seed: int, num_workers: int = 0) -> DataLoader:
+    """Batches of ``pretrain_batch_size`` augmented views of ``images`` = (dataset, indices), labels dropped unread,
+    shuffled with ``seed``."""
+    data = Unlabelled(*images, augmentation(s, img_size))
+    if len(data) < s.pretrain_batch_size:
+        raise ValueError(f"{len(data)} pre-training images but pretrain_batch_size={s.pretrain_batch_size}; lower the "
+                         f"batch size or raise n_pretrain_images")
+    return DataLoader(data, batch_size=s.pretrain_batch_size, shuffle=True, drop_last=True, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def optim(s: PretrainSettings) -> dict:
+    """The AdamW settings of :func:`vitadapt.train.fit` (beta2: the objective's, DinoV2 0.999, MAE 0.95, unless set)."""
+    return dict(weight_decay=s.pretrain_weight_decay, warmup=s.pretrain_warmup, grad_clip=s.grad_clip or None,
+                betas=(0.9, s.pretrain_beta2 or (0.999 if s.objective == "dinov2" else 0.95)))
 
 
 def decoder_path(mae_decoder: str):
@@ -87,58 +129,71 @@ def decoder_path(mae_decoder: str):
     return path
 
 
-def build_objective(kind: str, student: nn.Module, seed: int, steps: int, decoder_state: dict | None = None, *,
-                    n_prototypes, head_hidden_dim, head_bottleneck_dim, teacher_momentum, teacher_temp_warmup_steps,
-                    centering, mask_ratio, decoder_dim, decoder_depth, decoder_heads, decoder_lora_rank,
-                    mae_decoder: str = ""):
-    """The objective around ``student``; returns ``(objective, loss_fn, on_step)`` for :func:`vitadapt.train.fit`.
-    MAE: ``decoder_state`` (decoder weights in the objective's names) wins over ``mae_decoder``; a warmed-up decoder
+def build_objective(s: PretrainSettings, student: nn.Module, seed: int, steps: int | None = None,
+                    decoder_state: dict | None = None):
+    """The objective around ``student`` (its trainable set already chosen), for ``steps`` (default
+    ``pretrain_steps``); returns ``(objective, loss_fn, on_step)`` for :func:`vitadapt.train.fit`. MAE:
+    ``decoder_state`` (decoder weights in the objective's names) wins over ``mae_decoder``; a warmed-up decoder
     trains in full, a checkpoint decoder gets LoRA of rank ``decoder_lora_rank``."""
-    if kind == "dinov2":
+    if s.objective == "dinov2":
         from vitadapt.ssl.dinov2 import DinoV2Objective, dinov2_loss_fn
-        obj = DinoV2Objective(student, total_steps=steps, n_prototypes=n_prototypes, hidden_dim=head_hidden_dim,
-                              bottleneck_dim=head_bottleneck_dim, momentum=teacher_momentum,
-                              teacher_temp_warmup_steps=teacher_temp_warmup_steps, centering=centering, seed=seed)
+        obj = DinoV2Objective(student, total_steps=steps or s.pretrain_steps, n_prototypes=s.n_prototypes,
+                              hidden_dim=s.head_hidden_dim, bottleneck_dim=s.head_bottleneck_dim,
+                              momentum=s.teacher_momentum, teacher_temp_warmup_steps=s.teacher_temp_warmup_steps,
+                              centering=s.centering, seed=seed)
         return (obj, *dinov2_loss_fn(obj))
     from vitadapt.ssl.mae import MAEObjective, mae_decoder_state_dict, mae_loss_fn
     ckpt = None
-    if decoder_state is None and mae_decoder:
-        ckpt = mae_decoder_state_dict(torch.load(decoder_path(mae_decoder), map_location="cpu", weights_only=False))
-    obj = MAEObjective(student, mask_ratio=mask_ratio, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
-                       decoder_heads=decoder_heads, decoder_state_dict=decoder_state if decoder_state is not None
-                       else ckpt, decoder_lora_rank=decoder_lora_rank if ckpt is not None else 0, seed=seed)
+    if decoder_state is None and s.mae_decoder:
+        ckpt = mae_decoder_state_dict(torch.load(decoder_path(s.mae_decoder), map_location="cpu", weights_only=False))
+    obj = MAEObjective(student, mask_ratio=s.mask_ratio, decoder_dim=s.decoder_dim, decoder_depth=s.decoder_depth,
+                       decoder_heads=s.decoder_heads, decoder_state_dict=decoder_state if decoder_state is not None
+                       else ckpt, decoder_lora_rank=s.decoder_lora_rank if ckpt is not None else 0, seed=seed)
     return obj, mae_loss_fn(obj), None
 
 
-def objective_trainable(kind: str, student: nn.Module, **settings) -> int:
+def warm_decoder(s: PretrainSettings, base_model: nn.Module, images: tuple, img_size: int, seed: int, fabric,
+                 num_workers: int = 0) -> dict | None:
+    """MAE without decoder weights: a fresh decoder trained alone (the encoder, a copy of ``base_model``, frozen) for
+    ``decoder_warmup_steps`` on ``images``; returns its weights, to be shared by every variant of the seed. ``None``
+    when there is nothing to warm (DinoV2, a checkpoint, or 0 steps)."""
+    if s.objective != "mae" or s.mae_decoder or s.decoder_warmup_steps == 0:
+        return None
+    import copy
+
+    from vitadapt.peft.common import freeze
+    from vitadapt.train import fit, seed_everything
+    seed_everything(seed)
+    obj, loss_fn, _ = build_objective(s, freeze(copy.deepcopy(base_model)), seed, s.decoder_warmup_steps)
+    fit(fabric, obj, loss_fn, loader(s, images, img_size, 30_000 + seed, num_workers), steps=s.decoder_warmup_steps,
+        lr=s.decoder_warmup_lr or s.pretrain_lr, **optim(s))
+    return {k: v.detach().clone() for k, v in obj.state_dict().items() if k.startswith(DECODER_PREFIXES)}
+
+
+def objective_trainable(s: PretrainSettings, student: nn.Module) -> int:
     """Parameters the objective adds that train (DinoV2: DINO/iBOT heads + mask token; MAE: the decoder, or its LoRA
     when a pre-trained decoder is configured), counted on the meta device (``student`` built there too)."""
+    from vitadapt.peft.common import count_trainable
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if kind == "mae":
+        if s.objective == "mae":
             from vitadapt.ssl.mae import MAEObjective
-            s = settings
-            obj = MAEObjective(student, mask_ratio=s["mask_ratio"], decoder_dim=s["decoder_dim"],
-                               decoder_depth=s["decoder_depth"], decoder_heads=s["decoder_heads"],
-                               decoder_lora_rank=s["decoder_lora_rank"] if s.get("mae_decoder") else 0)
+            obj = MAEObjective(student, mask_ratio=s.mask_ratio, decoder_dim=s.decoder_dim,
+                               decoder_depth=s.decoder_depth, decoder_heads=s.decoder_heads,
+                               decoder_lora_rank=s.decoder_lora_rank if s.mae_decoder else 0)
         else:
-            obj = build_objective(kind, student, 0, 1, **settings)[0]
-    from vitadapt.peft.common import count_trainable
+            obj = build_objective(s, student, 0, 1)[0]
     return count_trainable(obj) - count_trainable(student)
 
 
-def kept_backbone(objective: nn.Module, kind: str, eval_weights: str = "teacher") -> nn.Module:
-    """The backbone kept after pre-training (DinoV2: the EMA teacher or the student; MAE: the encoder), LoRA merged
-    and qkv fused: a plain timm ViT on the CPU, every parameter trainable again, in eval mode."""
+def kept_backbone(objective: nn.Module, s: PretrainSettings) -> nn.Module:
+    """The backbone kept after pre-training (DinoV2: the EMA teacher or the student, ``eval_weights``; MAE: the
+    encoder), LoRA merged and qkv fused: a plain timm ViT on the CPU, every parameter trainable again, in eval mode."""
     from vitadapt.peft.explora import merge_explora
     from vitadapt.peft.lora import has_lora
     objective.eval()
-    kept = objective.encoder if kind == "mae" else objective.teacher if eval_weights == "teacher" else objective.student
+    kept = objective.encoder if s.objective == "mae" else \
+        objective.teacher if s.eval_weights == "teacher" else objective.student
     if getattr(kept, "explora_config", None) is not None or has_lora(kept):
         merge_explora(kept)
     return kept.requires_grad_(True).cpu().eval()
-
-
-def decoder_weights(objective: nn.Module) -> dict:
-    """The MAE decoder's weights (``decoder_embed.*``, ``decoder.*``, ``decoder_pred.*``), detached copies."""
-    return {k: v.detach().clone() for k, v in objective.state_dict().items() if k.startswith(DECODER_PREFIXES)}
