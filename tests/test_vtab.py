@@ -100,12 +100,10 @@ def test_vtab_task_800_200_seeded_stratified_and_a_fixed_test_set():
     assert a.info["n_train"] == 800 and a.info["split_seed"] == 0
 
 
-def test_vtab_task_reads_settings_from_a_config_and_overrides():
-    class Cfg:
-        n_train, n_val, n_test, size, bins = 40, 10, 20, 32, 4
-    s = vtab_task("dsprites_location", 0, Cfg())
+def test_vtab_task_takes_its_settings_by_name():
+    s = vtab_task("dsprites_location", 0, n_train=40, n_val=10, n_test=20, size=32, bins=4)
     assert s.counts() == {"train": 40, "val": 10, "test": 20} and len(s.classes) == 4
-    s = vtab_task("dsprites_location", 0, Cfg(), n_train=8)
+    s = vtab_task("dsprites_location", 0, n_train=8, size=32, bins=4)
     assert len(s.train) == 8
     with pytest.raises(ValueError, match="unknown vtab_task setting"):
         vtab_task("dsprites_location", 0, n_trian=8)

@@ -443,23 +443,22 @@ def stratified_sample(targets: Sequence[int], n: int, rng: np.random.Generator,
     return sorted(out)
 
 
-def vtab_task(name: str, seed: int = 0, cfg=None, **overrides) -> Splits:
+def vtab_task(name: str, seed: int = 0, **settings) -> Splits:
     """One VTAB-1k-style task: ``n_train`` (800) + ``n_val`` (200) labelled images drawn with ``seed``
     (stratified) and a test set (``n_test`` images drawn with a fixed seed, or all when 0). ``n_train=0`` /
     ``n_val=0`` take the whole training / validation split (FGVC's protocol).
 
     ``name``: a registered dataset (``aid``, ``fashion_mnist``, ``clevr_count``, ...), ``vtab1k:<task>`` (the
     standard lists are used as they are; ``n_train``/``n_val`` smaller than 800/200 draw stratified subsets)
-    or ``fgvc:<task>``. Settings come from ``overrides``, else from ``cfg`` attributes of the same name, else
-    the defaults: ``n_train=800, n_val=200, n_test=0, size=64`` (render size of the procedural tasks),
+    or ``fgvc:<task>``. ``settings`` (keyword arguments; unknown names are an error) override the defaults: ``n_train=800, n_val=200, n_test=0, size=64`` (render size of the procedural tasks),
     ``bins=16`` (dSprites tasks), ``generator_seed=0``, ``vtab1k_root=""``, ``fgvc_root=""`` (folders of the
     VTAB-1k / FGVC collections; "" searches $VITADAPT_VTAB1K_ROOT, data/vtab1k, ../shared/data/vtab1k, and
     likewise for fgvc). Other sources are found where their own builders look (AID: ../shared/data/aid).
     """
     defaults = dict(n_train=800, n_val=200, n_test=0, size=64, bins=16, generator_seed=0, vtab1k_root="",
                     fgvc_root="")
-    opts = {k: overrides.get(k, getattr(cfg, k, v) if cfg is not None else v) for k, v in defaults.items()}
-    unknown = set(overrides) - set(defaults)
+    opts = {**defaults, **settings}
+    unknown = set(settings) - set(defaults)
     if unknown:
         raise ValueError(f"unknown vtab_task setting(s) {sorted(unknown)}; valid: {', '.join(defaults)}")
     if ":" in name:

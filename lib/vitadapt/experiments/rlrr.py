@@ -28,6 +28,7 @@ import pandas as pd
 from torch import nn
 
 from vitadapt import papers
+from vitadapt.papers import RLRR_OFFICIAL as OFFICIAL
 from vitadapt.config import ExperimentConfig, opt
 from vitadapt.data import Splits
 from vitadapt.data.vtab import VTAB1K_TASKS, vtab_task
@@ -48,7 +49,6 @@ DEFAULT_BASE_LR = {"linear": 1e-2, "full": 1e-4, "bitfit": 5e-3, "lora": 2e-3, "
                    "ssf": 5e-3, "rlrr": 5e-3}
 ABLATIONS = ("sides_residual", "init", "rank", "layers")
 LAYER_VARIANTS = ("attn", "mlp", "all", "all+ssf")
-OFFICIAL = papers.RLRR_OFFICIAL
 SHARED = "official (shared grid)"       #: the variant name of 31's grid search, shared by every variant
 
 
@@ -119,7 +119,9 @@ class RLRRConfig(ExperimentConfig):
 
 def load_task(cfg: RLRRConfig, task: str, probe: bool = False) -> Splits:
     """The VTAB-1k-style splits of ``task`` (``probe``: only check that the source is there)."""
-    return vtab_task(task, cfg.data_seed, cfg=cfg, size=cfg.data_size, **(dict(n_train=1, n_val=1, n_test=1) if probe else {}))
+    n = (1, 1, 1) if probe else (cfg.n_train, cfg.n_val, cfg.n_test)
+    return vtab_task(task, cfg.data_seed, n_train=n[0], n_val=n[1], n_test=n[2], size=cfg.data_size, bins=cfg.bins,
+                     vtab1k_root=cfg.vtab1k_root, fgvc_root=cfg.fgvc_root)
 
 
 def trainable_counts(arch: str, methods, img_size: int = 224, arch_kwargs: dict | None = None,
@@ -356,8 +358,6 @@ def plot_ablations(df: pd.DataFrame):
                         palette={True: "tab:red", False: "tab:blue"}, ylabel="mean test accuracy over tasks",
                         ylim="data", panel_width=3.6, rotation=60, own_x=True)
 
-
-# ---- rows for the results notebook (90) and the interactive panel ------------------------------------------
 
 def result_rows(df: pd.DataFrame, ablations: bool = False) -> list[dict]:
     """Rows of the shared results schema per method (30: "RLRR: VTAB-1k group mean", then each group) or variant

@@ -1,5 +1,10 @@
 """Frozen-feature evaluation: a linear probe (C chosen on val) and kNN (k chosen on val), test scored once.
 
+- :func:`frozen_eval`: the rows of one model; :func:`score_sets` several feature sets (and combinations, such as an
+  ensemble of two models) on the same splits; :func:`forgetting_rows` their changes over a reference set, on the
+  target and on an out-of-domain set;
+- :func:`probe_head`: the probe as the starting head of a fine-tune (LP-FT).
+
 Features come from the per-item cache :class:`vitadapt.eval.FeatureCache`, keyed by the weights, architecture, size,
 feature kind and the model's fingerprint, so every notebook evaluating the same model shares it.
 """
@@ -12,7 +17,6 @@ import numpy as np
 
 from vitadapt.eval import FeatureCache, knn_eval, linear_probe, model_fingerprint
 
-EVALS = ("linear probe", "kNN")
 DEFAULT_CS = (0.01, 0.1, 1.0, 10.0)
 DEFAULT_KS = (10, 20)
 

@@ -86,8 +86,9 @@ def check_dataset(field: str, *names, exclude: tuple = ()) -> None:
     for name in names:
         if not isinstance(name, str):
             raise ValueError(f"{field}: {name!r} must be a dataset name (string)")
-        kind, _, task = name.rpartition(":")
-        if task not in tasks.get(kind, [n for n in DATASETS if n not in (*tasks, *exclude)] if not kind else []):
+        kind, _, task = name.rpartition(":")           # "" for a plain dataset name
+        plain = [n for n in DATASETS if n not in (*tasks, *exclude)]
+        if task not in (tasks[kind] if kind in tasks else [] if kind else plain):
             raise ValueError(f"{field}: {name!r} is not valid; valid values: "
                              f"{', '.join(sorted(set(DATASETS) - {*tasks, *exclude}))}, "
                              f"vtab1k:<{'|'.join(VTAB1K_TASKS)}> or fgvc:<{'|'.join(FGVC_TASKS)}>")
