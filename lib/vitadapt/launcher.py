@@ -393,7 +393,8 @@ class Launcher:
         self.status.value = f"<span style='color:#d9534f'><b>{html.escape(what)}</b></span>: {html.escape(line)}"
         self.output.append_display_data(_Rich(f"<b style='color:#d9534f'>{html.escape(line)}</b>", line))
         failed = run.out_dir / f"{run.name}.failed.ipynb"
-        err = notebook_error(failed) if failed.exists() and failed.stat().st_mtime >= run.started - 1 else None
+        fresh = failed.exists() and failed.stat().st_mtime >= run.started - 1
+        err = notebook_error(failed) if fresh and not stopped else None    # Stop's KeyboardInterrupt is no news
         if err:
             self.output.append_stderr(
                 f"{err['ename']}: {err['evalue']}\n\nin cell In [{err['cell']}] of {_rel(failed)}; the end of its "
