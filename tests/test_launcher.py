@@ -5,6 +5,17 @@ import pytest
 from vitadapt.launcher import Launcher, cell_progress, notebook_path, parse_value
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_shell():
+    """Output.append_display_data creates IPython's InteractiveShell singleton; left behind, it changes how
+    ``with output:`` treats exceptions in later tests (it shows and swallows them). Remove it after each test."""
+    from IPython.core.interactiveshell import InteractiveShell
+    had = InteractiveShell.initialized()
+    yield
+    if not had and InteractiveShell.initialized():
+        InteractiveShell.clear_instance()
+
+
 def test_form_values_become_the_run_parameters():
     la = Launcher("01_baselines", profile="cpu")
     assert "profile" in la.widgets and "seeds" in la.widgets
