@@ -45,6 +45,26 @@ def test_errors_are_shown_not_raised_and_bad_fields_fail():
         ablation_panel({}, boom)
 
 
+def test_errors_are_recorded_in_a_live_kernel_too():
+    """In a kernel (an IPython shell exists) the Output widget's context manager shows and swallows an exception
+    raised inside it: the panel must still record it and say "failed", not "done"."""
+    from IPython.core.interactiveshell import InteractiveShell
+    had = InteractiveShell.initialized()
+    InteractiveShell.instance()
+    try:
+        def boom(**kw):
+            raise ValueError("rank=0 is not valid")
+        panel = ablation_panel({"rank": (8, None)}, boom)
+        panel.button.click()
+        assert isinstance(panel.last_error, ValueError) and panel.status.value.startswith("failed: ValueError")
+        ok = ablation_panel({"rank": (8, None)}, lambda **kw: kw["rank"] * 2)
+        ok.button.click()
+        assert ok.last_result == 16 and ok.last_error is None and ok.status.value.startswith("done")
+    finally:
+        if not had:
+            InteractiveShell.clear_instance()
+
+
 def test_upstep_panel_fields_drive_run_single_parameters():
     from vitadapt.config import build_config
     from vitadapt.experiments import upstep as U

@@ -81,16 +81,18 @@ class Panel:
         t0 = time.perf_counter()
         self.output.clear_output()
         try:
-            with self.output:
-                self.last_result, self.last_error = self.run_fn(**params), None
+            with self.output:       # captures what run_fn prints; in a live kernel it would also swallow an
+                try:                # exception raised inside it, so the exception is caught here, first
+                    self.last_result, self.last_error = self.run_fn(**params), None
+                except Exception as e:  # shown in the form; the kernel stays usable
+                    self.last_result, self.last_error = None, e
                 if self.last_result is not None:
                     display(self.last_result)
-            self.status.value = f"done in {time.perf_counter() - t0:.1f} s"
-        except Exception as e:  # shown in the form; the kernel stays usable
-            self.last_result, self.last_error = None, e
-            self.status.value = f"failed: {type(e).__name__}: {str(e)[:200]}"
         finally:
             self.button.disabled = False
+        e = self.last_error
+        self.status.value = (f"failed: {type(e).__name__}: {str(e)[:200]}" if e is not None
+                             else f"done in {time.perf_counter() - t0:.1f} s")
         return self.last_result
 
     def _ipython_display_(self):
