@@ -7,7 +7,6 @@ engine does, with fixed cell durations (fast, exact numbers); one runs a real ke
 import io
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 

@@ -10,6 +10,10 @@ A notebook whose last real run had the same config hash and code hash is skipped
 ``--require-real`` it counts as a failure. ``-p`` values are YAML (``5e-4`` is a number); a name that no
 selected notebook has is an error. One failing notebook is reported and the rest still run; the exit code is 1
 if any failed, 130 when interrupted (Ctrl-C).
+
+While a notebook runs, stderr shows its cells done / total and the time left in it and in the suite (``--progress``:
+a bar redrawn in place in a terminal, plain lines at most every ``--progress-every`` seconds otherwise), estimated
+from the cell timings of each notebook's last finished run in ``outputs/<profile>/.timings.json``.
 """
 
 from __future__ import annotations
@@ -389,11 +393,15 @@ class Progress:
                 return
 
 
+_ENGINE = None
+
+
 def _engine() -> str:
     """Register (once) and name papermill's nbclient engine with a ``progress`` argument: its cell callbacks
     (NotebookExecutionManager.cell_start / cell_complete) also feed a :class:`Progress`."""
+    global _ENGINE
     from papermill.engines import NBClientEngine, papermill_engines
-    if "vitadapt" not in papermill_engines._engines:
+    if _ENGINE is None:
 
         class ProgressEngine(NBClientEngine):
             @classmethod
@@ -413,8 +421,9 @@ def _engine() -> str:
                     nb_man.cell_start, nb_man.cell_complete = cell_start, cell_complete
                 return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
 
-        papermill_engines.register("vitadapt", ProgressEngine)
-    return "vitadapt"
+        _ENGINE = "vitadapt"
+        papermill_engines.register(_ENGINE, ProgressEngine)
+    return _ENGINE
 
 
 def _would_skip(nb: Path, profile: str, params: dict, force: bool) -> bool:
