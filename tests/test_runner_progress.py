@@ -256,3 +256,27 @@ def test_a_real_kernel_run_shows_its_cells_and_the_second_run_an_estimate(fake_r
     err = capsys.readouterr().err
     m = re.search(r"\[1/1\] 10_x \(smoke\): 2/5 cells, \d+ s, about (\d+) s left \(last run (\d+) s\)", err)
     assert m and int(m.group(1)) in (0, 1, 2) and int(m.group(2)) >= 1, err
+
+
+def test_a_long_silent_cell_still_gets_a_line_every_so_often():
+    """Between papermill's callbacks the clock keeps going: a plain line when ``every_s`` passed (a log shows the
+    run is alive), and the bar is redrawn every second."""
+    import time
+    now = [1000.0]
+    out = io.StringIO()
+    p = Progress("lines", out, every_s=30, clock=lambda: now[0])
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("train()"), nbformat.v4.new_code_cell("report()")]
+    p.start("[1/1] 10_x (cpu)", {"wall_s": 400, "cells": [[nb.cells[0].id, 300], [nb.cells[1].id, 60]]})
+    p.notebook_started(nb)
+    p.cell_start(nb.cells[0], 0)
+    now[0] += 95
+    deadline = time.monotonic() + 5
+    while out.getvalue().count("\n") < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    p.finish()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[1/1] 10_x (cpu): starting the kernel, 0 s, about 6 min 40 s left (last run 6 min 40 s)"
+    assert lines[1] == ("[1/1] 10_x (cpu): 0/2 cells, 1 min 35 s, cell 1 running for 1 min 35 s, "
+                        "about 4 min 25 s left (last run 6 min 40 s)")
+    assert len(lines) == 2                                   # the clock stands still now: no more lines

@@ -355,7 +355,7 @@ class Progress:
             parts.append(f"about {_fmt_s(left)} left (last run {_fmt_s(float(self.history.get('wall_s', 0)))})")
         after, unknown = self.after
         notebooks = f"notebook{'s' * (unknown > 1)} without timings"
-        if (left or 0) + after > 0:
+        if after > 0 or (unknown and left is not None):      # notebooks to run after this one
             least = "at least " if unknown or left is None else "about "
             parts[-1] += f"; suite {least}{_fmt_s((left or 0) + after)} left"
             parts[-1] += f" ({unknown} {notebooks})" if unknown else ""
