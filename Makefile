@@ -10,10 +10,10 @@ export TQDM_DISABLE ?= 1
 export PYTHONHASHSEED := 0
 
 # (fashion-mnist and chromium are phony too)
-.PHONY: fashion-mnist chromium setup reproduce test test-lib test-notebooks nbval test-browser golden verify-data bench clean help
+.PHONY: fashion-mnist chromium setup reproduce test test-lib test-notebooks nbval test-browser golden report verify-data bench clean help
 
 help:
-	@echo "make setup | reproduce [PROFILE=smoke|cpu|paper NB=00,01 FORCE=1 REAL=1] | test | verify-data | bench | golden | clean"
+	@echo "make setup | reproduce [PROFILE=smoke|cpu|paper NB=00,01 FORCE=1 REAL=1] | report [PROFILE=smoke] | test | verify-data | bench | golden | clean"
 
 # Idempotent: the stamp depends on the pin files, so a second run does nothing.
 setup: $(VENV)/.setup-done
@@ -86,6 +86,11 @@ golden: setup
 	mkdir -p tests/golden
 	for d in outputs/smoke/*/; do n=$$(basename $$d); cp $$d/$$n.ipynb tests/golden/$$n.ipynb; done
 	$(PY) -m vitadapt.golden write outputs/smoke tests/golden/metrics
+
+# A static site of the profile's executed notebooks (nbconvert, opens from disk): outputs/$(PROFILE)/site/index.html,
+# one page per notebook, an index with each one's status and headline numbers and the paper beside ours.
+report: setup
+	$(PY) -m vitadapt.report_site --profile $(PROFILE)
 
 verify-data: setup
 	$(PY) -m vitadapt.data.manifest verify
