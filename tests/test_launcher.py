@@ -26,8 +26,9 @@ def test_form_values_become_the_run_parameters():
     la.widgets["profile"].value = "smoke"
     assert la.parameters() == {"profile": "smoke", "seeds": [0, 1], "dataset": "synthetic", "compare_random": False}
     cmd = la.command()
-    assert cmd[1:8] == ["-m", "vitadapt.runner", "--profile", "smoke", "--nb", "01_baselines", "--force"]
-    pairs = {cmd[i + 1]: json.loads(cmd[i + 2]) for i in range(8, len(cmd), 3)}
+    assert cmd[1:10] == ["-m", "vitadapt.runner", "--profile", "smoke", "--nb", "01_baselines", "--force",
+                         "--progress", "off"]
+    pairs = {cmd[i + 1]: json.loads(cmd[i + 2]) for i in range(10, len(cmd), 3)}
     assert pairs == {"seeds": [0, 1], "dataset": "synthetic", "compare_random": False}
     assert str(la.out_dir).endswith("outputs/smoke/01_baselines")
 

@@ -291,7 +291,7 @@ class Launcher:
     def command(self) -> list[str]:
         params = self.parameters()
         cmd = [sys.executable, "-m", "vitadapt.runner", "--profile", params.pop("profile"), "--nb",
-               self.name, "--force"]
+               self.name, "--force", "--progress", "off"]          # the form draws its own progress bar
         for k, v in params.items():
             cmd += ["-p", k, json.dumps(v)]     # JSON is YAML: the runner parses it back
         return cmd
