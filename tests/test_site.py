@@ -19,7 +19,8 @@ from vitadapt import report_site
 from vitadapt.paths import REPO_ROOT
 
 # A 1x1 PNG: the figure a notebook printed (an image output) and saved beside it.
-PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==")
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAA"
+                       "AABJRU5ErkJggg==")
 TABLE_HTML = ('<table border="1" class="dataframe"><thead><tr><th>method</th><th>test_acc</th></tr></thead>'
               "<tbody><tr><td>linear probe</td><td>0.8765</td></tr></tbody></table>")
 

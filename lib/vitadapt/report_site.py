@@ -191,7 +191,8 @@ def scan(outputs: Path) -> list[Entry]:
 # ---- writing the site ------------------------------------------------------------------------------------
 
 CSS = """
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;
+ color:#222}
 h1{margin-bottom:.2em} .sub{color:#666;margin-top:0}
 table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:14px}
 th,td{border:1px solid #ddd;padding:.3em .55em;text-align:left;vertical-align:top}
@@ -199,7 +200,7 @@ th{background:#f4f4f4} tr:nth-child(even) td{background:#fbfbfb}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 .ok{color:#17692f;font-weight:600} .dry{color:#8a5a00;font-weight:600} .failed{color:#b00020;font-weight:600}
 .missing{color:#888;font-weight:600} .note{color:#8a5a00;font-size:13px} ul.h{margin:0;padding-left:1.1em}
-.files a{margin-right:.6em} code{background:#f4f4f4;padding:0 .2em} nav.toc a{margin-right:.8em}
+.files a{margin-right:.6em} code{background:#f4f4f4;padding:0 .2em} nav.toc span{margin-right:.9em;white-space:nowrap}
 """
 
 NAV_CSS = ("<style>nav.vitadapt{font:14px system-ui,sans-serif;padding:.5em 1em;background:#f4f4f4;"
@@ -220,7 +221,8 @@ def _exporter():
 # The lab template loads require.js, MathJax and mermaid from a CDN: our notebooks use none of them (no math, no
 # diagrams; widgets need a kernel anyway), and a page opened from disk must not wait on the network.
 _REMOTE_SCRIPT = re.compile(r'<script[^>]*\ssrc="https?://[^"]*"[^>]*>\s*</script>\s*'
-                            r'|<script type="module">(?:(?!</script>).)*?https?://(?:(?!</script>).)*</script>\s*', re.S)
+                            r'|<script type="module">(?:(?!</script>).)*?https?://(?:(?!</script>).)*</script>\s*',
+                            re.S)
 
 
 def _has_widgets(nb) -> bool:
@@ -281,11 +283,17 @@ def _paper_tables(profile: str, outputs: Path, pages: dict[str, str]) -> tuple[s
     cols = [c for c in ("method", "paper", "paper label", "paper setting", "ours (mean ± std)", "ours",
                         "like for like") if c in shown]
     parts, toc, both = [], [], 0
-    for k, (table, g) in enumerate(shown.groupby("table", sort=False)):
+    groups = []
+    for table, g in shown.groupby("table", sort=False):
         has_both = int((g["paper"].notna() & g["ours (mean ± std)"].fillna("").astype(str).ne("")).sum())
+        groups.append((table, g, has_both))
+    # the tables where a published number meets ours first, then published only, then ours only
+    groups.sort(key=lambda t: (-t[2], -int(t[1]["paper"].notna().sum())))
+    for k, (table, g, has_both) in enumerate(groups):
         both += has_both
         anchor = f"t{k}"
-        toc.append(f'<a href="#{anchor}">{_e(table)}</a>')
+        toc.append(f'<span><a href="#{anchor}">{_e(table)}</a>' + (f" ({has_both})" if has_both else "") + "</span>")
+        g = g.sort_values("paper", key=lambda c: c.isna(), kind="stable")       # rows with a paper number first
         rows = []
         for _, r in g.iterrows():
             cells = []
@@ -304,7 +312,7 @@ def _paper_tables(profile: str, outputs: Path, pages: dict[str, str]) -> tuple[s
         head = "".join(f'<th{" class=num" if c == "paper" else ""}>{_e(c)}</th>' for c in cols) + "<th>from</th>"
         parts.append(f'<h3 id="{anchor}">{_e(table)} <small>({len(g)} rows, {has_both} with paper and ours)'
                      f'</small></h3><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
-    nav = f'<nav class="toc">{"".join(toc)}</nav>' if toc else "<p>No result rows and no published numbers.</p>"
+    nav = f'<nav class="toc">{" ".join(toc)}</nav>' if toc else "<p>No result rows and no published numbers.</p>"
     return nav + "".join(parts), len(shown), both
 
 
@@ -312,6 +320,7 @@ def _index(profile: str, outputs: Path, entries: list[Entry], pages: dict[str, s
     counts = {s: sum(e.status == s for e in entries) for s in STATUS_CLASS}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     commits = sorted({c for e in entries for c in [_commit(outputs / e.name)] if c})
+    code = "; code " + _e(", ".join(commits)) if commits else ""
     paper, n_rows, n_both = _paper_tables(profile, outputs, pages)
     rows = "".join(_index_row(e) for e in entries)
     built = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
@@ -322,15 +331,16 @@ def _index(profile: str, outputs: Path, entries: list[Entry], pages: dict[str, s
 <body>
 <h1>vitadapt report, profile <code>{_e(profile)}</code></h1>
 <p class="sub">{_e(len(entries))} notebooks: {_e(summary)}. From <code>{_e(where)}</code>; built {_e(built)} in
-{seconds:.0f} s by <code>make report PROFILE={_e(profile)}</code>{"; code " + _e(", ".join(commits)) if commits else ""}.
-Numbers are mean ± std over seeds; a notebook's page holds every table and figure it printed.</p>
+{seconds:.0f} s by <code>make report PROFILE={_e(profile)}</code>{code}. Numbers are mean ± std over seeds
+(<a href="#paper">paper beside ours</a> below); a notebook's page holds every table and figure it printed.</p>
 <h2>Notebooks</h2>
 <table><thead><tr><th>notebook</th><th>status</th><th>headline numbers</th><th>figures and tables</th>
 <th class="num">wall time</th><th>run started</th></tr></thead><tbody>{rows}</tbody></table>
 <h2 id="paper">Paper beside ours</h2>
 <p>{n_rows} rows, {n_both} with a published number and ours. The published numbers come from
 <code>vitadapt.papers</code>; "ours" names the profile, backbone and data they were measured with: only
-trainable-parameter counts compare like for like (see each notebook's at-a-glance table for what differs).</p>
+trainable-parameter counts compare like for like (see each notebook's at-a-glance table for what differs).
+Tables where both meet come first (in brackets: how many rows).</p>
 {paper}
 </body></html>
 """
@@ -410,7 +420,8 @@ def _size(path: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vitadapt.report_site", description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="cpu", help=f"whose outputs ({', '.join(PROFILES)}); default cpu")
-    ap.add_argument("--outputs", type=Path, default=None, help="the profile's outputs folder (default outputs/<profile>)")
+    ap.add_argument("--outputs", type=Path, default=None,
+                    help="the profile's outputs folder (default outputs/<profile>)")
     ap.add_argument("--site", type=Path, default=None, help="where the site goes (default <outputs>/site)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
