@@ -84,7 +84,7 @@ test-browser:
 golden: setup
 	VITADAPT_OFFLINE=1 $(PY) -m vitadapt.runner --profile smoke --force
 	mkdir -p tests/golden
-	for d in outputs/smoke/*/; do n=$$(basename $$d); cp $$d/$$n.ipynb tests/golden/$$n.ipynb; done
+	for d in outputs/smoke/[0-9][0-9]_*/; do n=$$(basename $$d); cp $$d/$$n.ipynb tests/golden/$$n.ipynb; done
 	$(PY) -m vitadapt.golden write outputs/smoke tests/golden/metrics
 
 # A static site of the profile's executed notebooks (nbconvert, opens from disk): outputs/$(PROFILE)/site/index.html,
