@@ -26,11 +26,20 @@ PACKAGES = ("torch", "torchvision", "timm", "peft", "lightly", "lightning", "tor
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write a temporary file beside ``path``, flush it to disk, then rename it: ``path`` is the old file or the
+    new one, never a mix. On any error the temporary file is removed and the error raised."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _alive(pid: int) -> bool:

@@ -35,7 +35,7 @@ import yaml
 
 from vitadapt.config import PROFILES, load_profile, load_yaml
 from vitadapt.paths import NOTEBOOKS, REPO_ROOT, output_dir
-from vitadapt.results import DRY_RUN_DIR, _alive, code_hash
+from vitadapt.results import DRY_RUN_DIR, _alive, atomic_write_text, code_hash
 
 KERNEL = "vitadapt"
 ALWAYS_RUN = {"90_results"}   # reads the other notebooks' outputs: never "unchanged"
@@ -128,21 +128,6 @@ def _rel(p: Path) -> str:
     return str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a temporary file beside ``path``, flush it to disk, then rename it: ``path`` is the old file or
-    the new one, never a mix. On any error the temporary file is removed and the error raised."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _stamp(out_dir: Path, key: str, wall: float) -> str:
     """Add the runner's key and wall time to the run record the notebook wrote. Returns '' or what went wrong
     (the notebook's metrics.json is then left as it was, without a key, so the next run does not skip it)."""
@@ -151,7 +136,7 @@ def _stamp(out_dir: Path, key: str, wall: float) -> str:
         blob = json.loads(m.read_text())
         blob["run"]["runner_key"] = key
         blob["run"]["papermill_wall_time_s"] = round(wall, 2)
-        _write_atomic(m, json.dumps(blob, indent=2, sort_keys=True))
+        atomic_write_text(m, json.dumps(blob, indent=2, sort_keys=True))
     except OSError as e:
         what = "disk full" if e.errno == errno.ENOSPC else f"{e.strerror or type(e).__name__}"
         return f"{what} writing {_rel(m)}; it is left as the notebook wrote it"
@@ -217,7 +202,7 @@ def save_timings(profile: str, name: str, record: dict) -> None:
     with contextlib.redirect_stderr(io.StringIO()):       # an unreadable file was reported when it was loaded
         blob = {"version": 1, "notebooks": load_timings(profile)}
     blob["notebooks"][name] = record
-    _write_atomic(p, json.dumps(blob, indent=1, sort_keys=True))
+    atomic_write_text(p, json.dumps(blob, indent=1, sort_keys=True))
 
 
 def cell_key(cell, index: int) -> str:
