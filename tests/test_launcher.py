@@ -143,7 +143,7 @@ def test_the_progress_bar_reads_its_own_runs_notebook_only(tmp_path):
 
 
 def test_the_failing_cells_error_is_read_without_ansi_codes(tmp_path):
-    from vitadapt.launcher import notebook_error
+    from vitadapt.runner import notebook_error
     nb = {"cells": [{"cell_type": "markdown", "source": "x", "metadata": {}},
                     {"cell_type": "code", "execution_count": 1, "outputs": [], "metadata": {}},
                     {"cell_type": "code", "execution_count": 2, "metadata": {}, "outputs": [

@@ -35,15 +35,15 @@ import yaml
 
 from vitadapt.config import PROFILES, load_profile, load_yaml
 from vitadapt.paths import NOTEBOOKS, REPO_ROOT, output_dir
+from vitadapt.runner import notebook_error
 
 __all__ = ["Launcher", "notebook_path", "notebooks", "notebook_parameters", "parse_value", "cell_progress",
-           "running_file", "notebook_error", "strip_ansi"]
+           "running_file"]
 
 HIDDEN = {"interactive"}      # the runner sets it False: a launched run is headless, a form there would block
 MAX_ROWS = 60                 # rows of a saved table shown in the form
 LOG_LINES = 15                # last lines of the runner's log shown after a failure
 TRACEBACK_LINES = 12          # last lines of the failing cell's traceback
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "list": (list,), "dict": (dict,)}
 _EXAMPLES = {"str": "a text, e.g. aid", "int": "a whole number, e.g. 3", "float": "a number, e.g. 5e-4",
              "bool": "true or false", "list": "a list, e.g. [0, 1]", "dict": "a mapping, e.g. {a: 1}"}
@@ -107,30 +107,6 @@ def cell_progress(nb_file: Path) -> tuple[int, int]:
 def running_file(out_dir: Path, name: str, runner_pid: int) -> Path:
     """The partial notebook a runner process writes while it executes ``name`` (``runner.run_one``)."""
     return Path(out_dir) / f".{name}.running-{runner_pid}.ipynb"
-
-
-def strip_ansi(text: str) -> str:
-    return _ANSI.sub("", text)
-
-
-def notebook_error(nb_file: Path) -> dict | None:
-    """The first error output of an executed notebook: ``{cell, ename, evalue, traceback}`` (``cell`` is its
-    ``In [n]`` number or code-cell position, ``traceback`` a list of lines without ANSI codes), or None."""
-    try:
-        nb = json.loads(Path(nb_file).read_text())
-    except (OSError, ValueError):
-        return None
-    n_code = 0
-    for cell in nb.get("cells", []):
-        if cell.get("cell_type") != "code":
-            continue
-        n_code += 1
-        for out in cell.get("outputs", []):
-            if out.get("output_type") == "error":
-                lines = strip_ansi("\n".join(out.get("traceback") or [])).splitlines()
-                return {"cell": cell.get("execution_count") or n_code, "ename": out.get("ename", ""),
-                        "evalue": strip_ansi(out.get("evalue", "")), "traceback": [ln for ln in lines if ln.strip()]}
-    return None
 
 
 def _read_table(path: Path):

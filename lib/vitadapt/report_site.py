@@ -35,6 +35,7 @@ from pathlib import Path
 
 from vitadapt.config import PROFILES
 from vitadapt.paths import NOTEBOOKS, OUTPUTS, REPO_ROOT
+from vitadapt import runner
 from vitadapt.results import DRY_RUN_DIR
 
 SITE = "site"
@@ -83,15 +84,11 @@ def _dry_reason(metrics: dict) -> str:
 
 def notebook_error(nb: Path) -> str:
     """The failing cell's error of an executed notebook (``Name: message``), '' when it holds none."""
-    blob = _read_json(nb)
-    for cell in blob.get("cells", []):
-        for out in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
-            if out.get("output_type") == "error":
-                if out.get("ename") == "PapermillExecutionError":
-                    continue
-                msg = " ".join(str(out.get("evalue", "")).split())
-                return f"{out.get('ename', 'Error')}: {msg}"[:300] if msg else str(out.get("ename", "Error"))
-    return ""
+    err = runner.notebook_error(nb)
+    if err is None:
+        return ""
+    msg, name = " ".join(str(err["evalue"]).split()), err["ename"] or "Error"
+    return f"{name}: {msg}"[:300] if msg else name
 
 
 def _fmt_value(v: float) -> str:

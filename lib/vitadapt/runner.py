@@ -124,6 +124,34 @@ def _up_to_date(out_dir: Path, name: str, key: str, chash: str) -> bool:
     return run.get("runner_key") == key and run.get("code_hash") == chash
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def notebook_error(nb_file: Path) -> dict | None:
+    """The failing cell's error output of an executed notebook (papermill's own ``PapermillExecutionError`` banner
+    skipped): ``{cell, ename, evalue, traceback}`` (``cell`` is its ``In [n]`` number or code-cell position,
+    ``traceback`` a list of lines without ANSI codes), or None (none, or the file cannot be read)."""
+    try:
+        nb = json.loads(Path(nb_file).read_text())
+    except (OSError, ValueError):
+        return None
+    n_code = 0
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") != "code":
+            continue
+        n_code += 1
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error" and out.get("ename") != "PapermillExecutionError":
+                lines = strip_ansi("\n".join(out.get("traceback") or [])).splitlines()
+                return {"cell": cell.get("execution_count") or n_code, "ename": out.get("ename", ""),
+                        "evalue": strip_ansi(out.get("evalue", "")), "traceback": [ln for ln in lines if ln.strip()]}
+    return None
+
+
 def _rel(p: Path) -> str:
     return str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p)
 
