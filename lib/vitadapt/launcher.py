@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from vitadapt.config import PROFILES, load_profile, load_yaml
-from vitadapt.paths import NOTEBOOKS, REPO_ROOT, output_dir
+from vitadapt.paths import NOTEBOOKS, REPO_ROOT, output_dir, shown
 from vitadapt.runner import notebook_error
 
 __all__ = ["Launcher", "notebook_path", "notebooks", "notebook_parameters", "parse_value", "cell_progress",
@@ -357,7 +357,7 @@ class Launcher:
             what = f"dry run ({dry})" if dry else "ok"
             line = (f"{run.name} ({run.profile}): {what} in {wall:.1f} s; {len(tables)} table"
                     f"{'s' if len(tables) != 1 else ''}, {len(figures)} figure{'s' if len(figures) != 1 else ''} "
-                    f"in {_rel(where)}")
+                    f"in {shown(where)}")
             self.status.value = f"<span style='color:#3c763d'><b>done</b></span>: {html.escape(line)}"
             self.output.append_display_data(_Rich(f"<b>{html.escape(line)}</b>", line))
             self.show_results(where, tables, figures)
@@ -373,7 +373,7 @@ class Launcher:
         err = notebook_error(failed) if fresh and not stopped else None    # Stop's KeyboardInterrupt is no news
         if err:
             self.output.append_stderr(
-                f"{err['ename']}: {err['evalue']}\n\nin cell In [{err['cell']}] of {_rel(failed)}; the end of its "
+                f"{err['ename']}: {err['evalue']}\n\nin cell In [{err['cell']}] of {shown(failed)}; the end of its "
                 f"traceback:\n" + "\n".join(err["traceback"][-TRACEBACK_LINES:]) + "\n")
         tail = log[-LOG_LINES:]
         self.output.append_stdout(f"\nthe runner's log (last {len(tail)} lines):\n" + "\n".join(tail) + "\n")
@@ -419,8 +419,3 @@ def _dry_run_reason(run: _Run) -> str:
     except (OSError, ValueError, AttributeError):
         return "see dry_run/metrics.json"
     return (" ".join(reason.split()) if isinstance(reason, str) else "yes") if reason else ""
-
-
-def _rel(p: Path) -> str:
-    p = Path(p)
-    return str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p)

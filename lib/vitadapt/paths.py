@@ -20,6 +20,12 @@ def resolve(path: str | os.PathLike) -> Path:
     return p if p.is_absolute() else (REPO_ROOT / p)
 
 
+def shown(path: str | os.PathLike) -> str:
+    """``path`` as messages show it: relative to the repository root when inside it, else as it is."""
+    p = Path(path)
+    return str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p)
+
+
 def launch_rank() -> int:
     """This process's global rank when launched by torchrun (``RANK``) or SLURM (``SLURM_PROCID`` with more
     than one task), else 0. Papermill kernels inherit the launcher's environment, so a notebook knows it too."""

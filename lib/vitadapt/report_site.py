@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vitadapt.config import PROFILES
-from vitadapt.paths import NOTEBOOKS, OUTPUTS, REPO_ROOT
+from vitadapt.paths import NOTEBOOKS, OUTPUTS, shown
 from vitadapt import runner
 from vitadapt.results import DRY_RUN_DIR
 
@@ -321,7 +321,7 @@ def _index(profile: str, outputs: Path, entries: list[Entry], pages: dict[str, s
     paper, n_rows, n_both = _paper_tables(profile, outputs, pages)
     rows = "".join(_index_row(e) for e in entries)
     built = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    where = outputs.relative_to(REPO_ROOT) if outputs.is_relative_to(REPO_ROOT) else outputs
+    where = shown(outputs)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>vitadapt report: {_e(profile)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>
@@ -358,7 +358,7 @@ def _check(profile: str, outputs: Path) -> None:
                 for p in outputs.glob(pat)]
     if not executed:
         have = sorted(p.name for p in OUTPUTS.glob("*") if p.is_dir() and any(p.glob("[0-9][0-9]_*/*.ipynb")))
-        rel = outputs.relative_to(REPO_ROOT) if outputs.is_relative_to(REPO_ROOT) else outputs
+        rel = shown(outputs)
         raise ReportError(
             f"no executed notebooks in {rel} for profile {profile!r}: run `make reproduce PROFILE={profile}` "
             f"first, then `make report PROFILE={profile}`"
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as e:
         print(f"make report: {e}", file=sys.stderr)
         return 2
-    rel = index.relative_to(REPO_ROOT) if index.is_relative_to(REPO_ROOT) else index
+    rel = shown(index)
     print(f"wrote {rel} ({len(list(index.parent.glob('*.html')))} pages, {_size(index.parent) / 1e6:.1f} MB, "
           f"{time.perf_counter() - t0:.0f} s); open it from disk: {index.resolve().as_uri()}")
     return 0

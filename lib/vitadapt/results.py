@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from vitadapt.paths import CONFIGS, NOTEBOOKS, REPO_ROOT, output_dir, resolve
+from vitadapt.paths import CONFIGS, NOTEBOOKS, REPO_ROOT, output_dir, resolve, shown
 
 DRY_RUN_DIR = "dry_run"     # where a dry run's outputs go, beside (never over) the real results
 PACKAGES = ("torch", "torchvision", "timm", "peft", "lightly", "lightning", "torchgeo", "scikit-learn", "numpy",
@@ -125,7 +125,7 @@ class Run:
         self.t0 = time.perf_counter()
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if not quiet:
-            print(f"{notebook} | profile {cfg.profile} | outputs -> {self.out_dir.relative_to(REPO_ROOT) if self.out_dir.is_relative_to(REPO_ROOT) else self.out_dir}")
+            print(f"{notebook} | profile {cfg.profile} | outputs -> {shown(self.out_dir)}")
 
     def _job_store(self, quiet: bool):
         """The finished jobs of an interrupted earlier run with this config and code (see :mod:`vitadapt.jobs`);

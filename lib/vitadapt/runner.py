@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from vitadapt.config import PROFILES, load_profile, load_yaml
-from vitadapt.paths import NOTEBOOKS, REPO_ROOT, output_dir
+from vitadapt.paths import NOTEBOOKS, output_dir, shown
 from vitadapt.results import DRY_RUN_DIR, _alive, atomic_write_text, code_hash
 
 KERNEL = "vitadapt"
@@ -152,10 +152,6 @@ def notebook_error(nb_file: Path) -> dict | None:
     return None
 
 
-def _rel(p: Path) -> str:
-    return str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p)
-
-
 def _stamp(out_dir: Path, key: str, wall: float) -> str:
     """Add the runner's key and wall time to the run record the notebook wrote. Returns '' or what went wrong
     (the notebook's metrics.json is then left as it was, without a key, so the next run does not skip it)."""
@@ -167,9 +163,9 @@ def _stamp(out_dir: Path, key: str, wall: float) -> str:
         atomic_write_text(m, json.dumps(blob, indent=2, sort_keys=True))
     except OSError as e:
         what = "disk full" if e.errno == errno.ENOSPC else f"{e.strerror or type(e).__name__}"
-        return f"{what} writing {_rel(m)}; it is left as the notebook wrote it"
+        return f"{what} writing {shown(m)}; it is left as the notebook wrote it"
     except (ValueError, KeyError, TypeError) as e:
-        return f"{_rel(m)} is not a run record ({type(e).__name__}: {e})"
+        return f"{shown(m)} is not a run record ({type(e).__name__}: {e})"
     return ""
 
 
@@ -186,7 +182,7 @@ def _keep_partial(tmp: Path, failed: Path) -> str:
         earlier = f"; the earlier {failed.name} is kept" if failed.exists() else ""
         return f"its partial notebook was not a valid notebook ({type(e).__name__}; disk full?) and was deleted{earlier}"
     os.replace(tmp, failed)
-    return f"partial notebook kept as {_rel(failed)}"
+    return f"partial notebook kept as {shown(failed)}"
 
 
 # ---- progress: cells done / total and the time left, from the last run's cell timings ----------------------------
@@ -218,7 +214,7 @@ def load_timings(profile: str) -> dict[str, dict]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        print(f"note: {_rel(p)} is not readable ({type(e).__name__}); no time estimates until a run finishes",
+        print(f"note: {shown(p)} is not readable ({type(e).__name__}); no time estimates until a run finishes",
               file=sys.stderr, flush=True)
         return {}
 
@@ -481,7 +477,7 @@ def run_one(nb: Path, profile: str, params: dict, force: bool, kernel: str, time
     except Exception as e:
         kept = _keep_partial(tmp, failed)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            where = _rel(Path(e.filename)) if e.filename and Path(e.filename) != tmp else "the executed notebook"
+            where = shown(Path(e.filename)) if e.filename and Path(e.filename) != tmp else "the executed notebook"
             msg = [f"disk full writing {where}"]
         else:
             msg = str(e).strip().splitlines() or [type(e).__name__]
@@ -520,7 +516,7 @@ def _record_timings(profile: str, name: str, progress: Progress, wall: float, st
         save_timings(profile, name, record)
     except OSError as e:
         what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
-        print(f"note: {what} writing {_rel(timings_path(profile))}; the next run of {name} has no time estimate",
+        print(f"note: {what} writing {shown(timings_path(profile))}; the next run of {name} has no time estimate",
               file=sys.stderr, flush=True)
 
 
