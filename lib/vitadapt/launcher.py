@@ -35,7 +35,7 @@ import yaml
 
 from vitadapt.config import PROFILES, load_profile, load_yaml
 from vitadapt.paths import NOTEBOOKS, REPO_ROOT, output_dir, shown
-from vitadapt.runner import notebook_error
+from vitadapt.runner import notebook_error, recorded_dry_run
 
 __all__ = ["Launcher", "notebook_path", "notebooks", "notebook_parameters", "parse_value", "cell_progress",
            "running_file"]
@@ -415,7 +415,6 @@ def _dry_run_reason(run: _Run) -> str:
     if not m.exists() or m.stat().st_mtime < run.started - 1:
         return ""
     try:
-        reason = json.loads(m.read_text()).get("metrics", {}).get("dry_run")
+        return recorded_dry_run(json.loads(m.read_text()))
     except (OSError, ValueError, AttributeError):
         return "see dry_run/metrics.json"
-    return (" ".join(reason.split()) if isinstance(reason, str) else "yes") if reason else ""

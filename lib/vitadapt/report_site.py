@@ -75,13 +75,6 @@ def _read_json(path: Path) -> dict:
     return blob if isinstance(blob, dict) else {}
 
 
-def _dry_reason(metrics: dict) -> str:
-    reason = metrics.get("dry_run")
-    if not reason:
-        return ""
-    return " ".join(reason.split()) if isinstance(reason, str) else "yes" if reason is True else str(reason)
-
-
 def notebook_error(nb: Path) -> str:
     """The failing cell's error of an executed notebook (``Name: message``), '' when it holds none."""
     err = runner.notebook_error(nb)
@@ -157,8 +150,8 @@ def scan(outputs: Path) -> list[Entry]:
         e.sources.append((shown, e.page, ""))
         if shown is failed:
             e.status, e.reason = "failed", notebook_error(failed) or "the run stopped with an error"
-        elif _dry_reason(metrics):
-            e.status, e.reason = "dry run", _dry_reason(metrics)
+        elif runner.recorded_dry_run(metrics_blob):
+            e.status, e.reason = "dry run", runner.recorded_dry_run(metrics_blob)
         else:
             e.status = "ok"
             if not metrics_blob:
@@ -171,7 +164,7 @@ def scan(outputs: Path) -> list[Entry]:
                 (e.figures if f.suffix.lower() in FIGURES else e.tables).append(f"{name}/{f.name}")
         mtime = shown.stat().st_mtime
         if shown is real and dry.exists() and dry.stat().st_mtime > mtime:
-            why = _dry_reason(_read_json(dry.parent / "metrics.json").get("metrics") or {})
+            why = runner.recorded_dry_run(_read_json(dry.parent / "metrics.json"))
             page = f"{name}.dry_run.html"
             e.sources.append((dry, page, "dry run"))
             e.notes.append(f'a later run was a <a href="{page}">dry run</a> ({html.escape(why)}); '

@@ -102,8 +102,8 @@ def _config_key(profile: str, name: str, params: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _dry_run_reason(blob: dict) -> str:
-    """Why the run recorded in a metrics.json blob was a dry run ('' when it really ran)."""
+def recorded_dry_run(blob: dict) -> str:
+    """Why the run recorded in a metrics.json blob was a dry run ('' when it really ran), on one line."""
     reason = (blob.get("metrics") or {}).get("dry_run")
     if not reason:
         return ""
@@ -119,7 +119,7 @@ def _up_to_date(out_dir: Path, name: str, key: str, chash: str) -> bool:
         run = blob["run"]
     except (ValueError, KeyError):
         return False
-    if _dry_run_reason(blob):     # data or weights may be here now: a dry run is never final
+    if recorded_dry_run(blob):     # data or weights may be here now: a dry run is never final
         return False
     return run.get("runner_key") == key and run.get("code_hash") == chash
 
@@ -497,7 +497,7 @@ def run_one(nb: Path, profile: str, params: dict, force: bool, kernel: str, time
     if err:
         return "FAILED", wall, err
     try:
-        reason = _dry_run_reason(json.loads(m.read_text()))
+        reason = recorded_dry_run(json.loads(m.read_text()))
     except (OSError, ValueError):
         reason = ""
     _record_timings(profile, name, progress, wall, "dry run" if reason else "ok")
