@@ -12,7 +12,10 @@ The rule (MAE, arXiv 2111.06377, as used by ExPLoRA, arXiv 2406.10973):
   (``norm_pix_loss``: each target patch minus its mean, divided by sqrt(var + 1e-6)).
 
 ExPLoRA keeps the pre-trained MAE decoder and puts LoRA rank 8 on it (``decoder_lora_rank=8``, with the
-decoder weights in ``decoder_state_dict``; ``mae_decoder_state_dict`` converts an official MAE checkpoint).
+decoder weights in ``decoder_state_dict``; ``mae_decoder_state_dict`` converts an official MAE checkpoint). The
+official ViT-L/16 checkpoint that holds the decoder is ``mae_pretrain_vit_large_full.pth`` (dl.fbaipublicfiles.com/
+mae/pretrain/; the plain ``mae_pretrain_vit_large.pth`` is encoder-only); ``make data DATASET=mae_decoder`` puts it at
+``data/mae/mae_pretrain_vit_large_full.pth`` (:data:`vitadapt.data.fetch.MAE_DECODER_FILE`).
 Which other decoder parts train is not stated: here, with decoder LoRA, *only* the decoder's LoRA matrices
 train (interpretation). Offline no MAE decoder weights exist: the decoder is then randomly initialised and
 trains in full (``decoder_lora_rank=0``).
