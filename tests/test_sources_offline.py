@@ -106,3 +106,48 @@ def test_fmow_satmae_layout(tmp_path):
 def test_fmow_without_metadata_says_how_to_get_it(tmp_path):
     with pytest.raises(DataMissingError, match="rgb_metadata.csv.*train_62classes.csv"):
         get_dataset("fmow", root=str(tmp_path))
+
+
+def test_torchgeo_probe_says_a_real_run_downloads_it_and_the_real_run_does(tmp_path, monkeypatch, capsys):
+    """``dry_run: auto`` probes with download=False: with the server reachable the dataset is "not here; a real run
+    downloads it" (no dry run), and the real run downloads into data/<name> (here under a stand-in repo root)."""
+    import torchgeo.datasets as tgd
+
+    import vitadapt.data
+    import vitadapt.data.fetch
+    import vitadapt.data.sources
+    from vitadapt.config import ExperimentConfig
+    from vitadapt.protocol.setup import dry_run_reason
+    monkeypatch.setattr(vitadapt.data, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(vitadapt.data.sources, "REPO_ROOT", tmp_path)
+    monkeypatch.delenv("VITADAPT_EUROSAT_ROOT", raising=False)
+    asked = []
+    monkeypatch.setattr(vitadapt.data.fetch, "reachable", lambda url, timeout=10.0: asked.append(url))
+    probe = {"dataset 'eurosat'": lambda: get_dataset("eurosat", download=False)}
+    cfg = ExperimentConfig(dry_run="auto", weights="random", accelerator="cpu")
+    assert dry_run_reason(cfg, probe) is None
+    assert "not here" in capsys.readouterr().out and asked and "hf.co" in asked[0]
+    s = get_dataset("eurosat", download=False)
+    assert s.info["download_pending"] == 1 and "a real run downloads it" in s.source
+    assert not (tmp_path / "data" / "eurosat").exists()                    # the probe writes nothing
+
+    real = tgd.EuroSAT
+    seen = []
+
+    def fake_eurosat(root, split, download, **kw):    # torchgeo's download, replaced by writing the fixture
+        seen.append((root, download))
+        if not (tmp_path / "data" / "eurosat" / "eurosat-train.txt").exists():
+            make_fixture("eurosat", tmp_path / "data" / "eurosat")
+        return real(root=root, split=split, download=False, **kw)
+    monkeypatch.setattr(tgd, "EuroSAT", fake_eurosat)
+    s = get_dataset("eurosat", download=True)
+    assert s.counts() == {"train": 6, "val": 3, "test": 3}
+    assert seen[0] == (str(tmp_path / "data" / "eurosat"), True)
+
+
+def test_torchgeo_probe_unreachable_says_why(tmp_path, monkeypatch):
+    import vitadapt.data.fetch
+    monkeypatch.setattr(vitadapt.data.fetch, "reachable", lambda url, timeout=10.0: "hf.co is not reachable (proxy)")
+    with pytest.raises(DataMissingError, match=r"cannot be downloaded from here \(hf.co is not reachable \(proxy\)\)"):
+        get_dataset("resisc45", root=str(tmp_path / "absent"), download=False)
+    assert not (tmp_path / "absent").exists()

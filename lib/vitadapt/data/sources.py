@@ -15,7 +15,7 @@ from vitadapt.data import (DATASETS, LAYOUTS, SKIP_BAD_ENV, BadImageError, DataM
                            Subset, explicit_root, find_root, register, scan_command, skip_bad_images, skipped_info,
                            stratified_split)
 from vitadapt.data.synthetic import SyntheticShapes
-from vitadapt.paths import MANIFESTS, REPO_ROOT
+from vitadapt.paths import MANIFESTS, REPO_ROOT, shown
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 
@@ -183,26 +183,54 @@ class TorchgeoRGB(Dataset):
 
 
 _TORCHGEO = {
-    # name: (torchgeo class, kwargs, rgb index, raw value that maps to white, licence)
-    "eurosat": ("EuroSAT", {"bands": ("B04", "B03", "B02")}, None, 3000.0, "MIT"),
-    "resisc45": ("RESISC45", {}, None, 255.0, "research use (NWPU); see torchgeo docs"),
-    "ucmerced": ("UCMerced", {}, None, 255.0, "public domain imagery (USGS); see torchgeo docs"),
+    # name: (torchgeo class, kwargs, rgb index, raw value that maps to white, licence, download size)
+    "eurosat": ("EuroSAT", {"bands": ("B04", "B03", "B02")}, None, 3000.0, "MIT", "about 2 GB"),
+    "resisc45": ("RESISC45", {}, None, 255.0, "research use (NWPU); see torchgeo docs", "about 400 MB"),
+    "ucmerced": ("UCMerced", {}, None, 255.0, "public domain imagery (USGS); see torchgeo docs", "about 320 MB"),
 }
+
+
+class PendingDownload(Dataset):
+    """The empty stand-in of a split that a real run downloads (a probe with ``download=False``)."""
+    targets: list = []
+    classes: list = []
+
+    def __len__(self):
+        return 0
+
+    def __getitem__(self, i):
+        raise IndexError(f"item {i}: this split is not downloaded yet")
 
 
 def _torchgeo(name: str, root: str = "", download: bool = True, checksum: bool = False,
               skip_bad_images: bool | None = None, **_) -> Splits:
+    """A torchgeo dataset at its folder (``root`` / $VITADAPT_<NAME>_ROOT / data/<name> / ../shared/data/<name>).
+
+    Absent, ``download=True`` (a real run) downloads it into the given folder, else data/<name>; ``download=False``
+    (the dry-run probe) downloads nothing: where torchgeo's server is reachable (through the environment's
+    proxies) it says "not here; a real run downloads it" and returns empty :class:`PendingDownload` splits
+    (``info["download_pending"]``), else it raises :class:`DataMissingError` saying why it cannot be had."""
     import torchgeo.datasets as tgd
-    cls_name, kw, rgb_index, scale, licence = _TORCHGEO[name]
+    cls_name, kw, rgb_index, scale, licence, size = _TORCHGEO[name]
+    cls = getattr(tgd, cls_name)
     try:
         r = find_root(name, root)
-    except DataMissingError:
-        if not download:
-            raise
+    except DataMissingError as e:
         given = explicit_root(name, root)     # download into the explicitly given folder, else data/<name>
         r = given[0] if given else REPO_ROOT / "data" / name
+        if not download:
+            from vitadapt.data.fetch import reachable
+            why = reachable(getattr(cls, "url", "") or "https://hf.co")
+            if why:
+                raise DataMissingError(f"dataset {name!r} is not here and cannot be downloaded from here ({why}); "
+                                       f"{e} Or run once where the network reaches torchgeo's server "
+                                       f"(download=True).") from e
+            note = f"not here ({shown(r)}); a real run downloads it ({size}, torchgeo {cls_name})"
+            print(f"dataset {name!r}: {note}")
+            empty = PendingDownload()
+            return Splits(name, empty, empty, empty, [], f"{cls_name} via torchgeo: {note} ({licence})",
+                          {"root": str(r), "licence": licence, "download_pending": 1})
         r.mkdir(parents=True, exist_ok=True)
-    cls = getattr(tgd, cls_name)
     try:
         raw = {s: cls(root=str(r), split=s, download=download, checksum=checksum, **kw) for s in ("train", "val", "test")}
     except Exception as e:  # torchgeo raises DatasetNotFoundError offline, or a download error
