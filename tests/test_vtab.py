@@ -246,3 +246,16 @@ def test_fgvc_vpt_layout(tmp_path):
     s = get_dataset("fgvc", root=str(tmp_path), task="cub")
     assert s.counts() == {"train": 6, "val": 2, "test": 4} and s.classes == ["5", "7", "9"]
     assert sorted(set(s.train.targets)) == [0, 1, 2]
+
+
+def test_fgvc_task_keeps_vpts_own_splits_not_the_800_200_draw(tmp_path):
+    d = tmp_path / "Stanford-dogs"
+    for split, k in (("train", 12), ("val", 4), ("test", 5)):
+        ann = {}
+        for i in range(k):
+            rel = f"n0{i % 2}/{split}_{i}.jpg"
+            _img(d / "Images" / rel, i)
+            ann[rel] = i % 2
+        (d / f"{split}.json").write_text(json.dumps(ann))
+    t = vtab_task("fgvc:stanford_dogs", seed=1, fgvc_root=str(tmp_path), n_train=4, n_val=2, n_test=3)
+    assert t.counts() == {"train": 12, "val": 4, "test": 5} and t.info["split"] == "VPT json"

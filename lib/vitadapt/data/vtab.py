@@ -33,7 +33,8 @@ For the paper profile:
 ``n_val`` (200) validation images drawn with a seed (stratified: every class in proportion to its share), and a
 test set (all of it, or ``n_test`` images drawn with a fixed seed, the same for every run). Validation images
 come from the source's validation pool when it has enough, else from its training pool (disjoint from the
-training images); test images are never among them.
+training images); test images are never among them. FGVC tasks are the exception: they keep VPT's own
+train / val / test splits whole, whatever ``n_train`` / ``n_val`` / ``n_test`` say.
 """
 
 from __future__ import annotations
@@ -450,7 +451,9 @@ def vtab_task(name: str, seed: int = 0, **settings) -> Splits:
 
     ``name``: a registered dataset (``aid``, ``fashion_mnist``, ``clevr_count``, ...), ``vtab1k:<task>`` (the
     standard lists are used as they are; ``n_train``/``n_val`` smaller than 800/200 draw stratified subsets)
-    or ``fgvc:<task>``. ``settings`` (keyword arguments; unknown names are an error) override the defaults: ``n_train=800, n_val=200, n_test=0, size=64`` (render size of the procedural tasks),
+    or ``fgvc:<task>`` (VPT's own train / val / test json splits, whole: the sizes do not apply). ``settings``
+    (keyword arguments; unknown names are an error) override the defaults: ``n_train=800, n_val=200, n_test=0,
+    size=64`` (render size of the procedural tasks),
     ``bins=16`` (dSprites tasks), ``generator_seed=0``, ``vtab1k_root=""``, ``fgvc_root=""`` (folders of the
     VTAB-1k / FGVC collections; "" searches $VITADAPT_VTAB1K_ROOT, data/vtab1k, ../shared/data/vtab1k, and
     likewise for fgvc). Other sources are found where their own builders look (AID: ../shared/data/aid).
@@ -473,6 +476,9 @@ def vtab_task(name: str, seed: int = 0, **settings) -> Splits:
     n_te = opts["n_test"]
     rng = np.random.default_rng([seed, 800])
     fixed = bool(src.info.get("fixed_split"))
+    if name.startswith("fgvc:"):    # FGVC: VPT's own train / val / test splits, whole (never the 800/200 draw)
+        return Splits(src.name, src.train, src.val, src.test, src.classes, src.source,
+                      {**src.info, "split": "VPT json", **{f"n_{k}": v for k, v in src.counts().items()}})
     if fixed and n_tr >= len(src.train) and n_va >= len(src.val):
         train, val = src.train, src.val
     elif len(src.val) >= n_va:
