@@ -81,3 +81,56 @@ def test_efficientnet_lite0_offline_weights_load():
 def test_every_weight_source_is_described():
     for w in WEIGHTS.values():
         assert w.description and w.kind in {"random", "hub", "imgfocus", "package", "auto"}
+
+
+def test_hub_check_goes_through_huggingface_hubs_session_not_a_raw_socket(monkeypatch):
+    """The hub check uses huggingface_hub's HTTP session (which honours HTTPS_PROXY / NO_PROXY), never a socket of
+    its own; HF_HUB_OFFLINE in any of huggingface_hub's spellings means offline without asking."""
+    import socket
+
+    import huggingface_hub
+
+    import vitadapt.models as M
+    monkeypatch.delenv("VITADAPT_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(M, "_HUB_STATE", {})
+
+    def no_socket(*a, **k):
+        raise AssertionError("a raw socket ignores the proxies")
+    monkeypatch.setattr(socket, "create_connection", no_socket)
+    asked = []
+
+    class Session:
+        def head(self, url, timeout=None):
+            asked.append(url)
+    monkeypatch.setattr(huggingface_hub, "get_session", lambda: Session())
+    assert M.hub_reachable() is True and asked == [huggingface_hub.constants.ENDPOINT]
+    monkeypatch.setattr(M, "_HUB_STATE", {})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "true")
+    assert M.hub_reachable() is False and len(asked) == 1
+
+
+def test_a_hub_model_in_the_local_cache_counts_as_available_offline(monkeypatch, tmp_path):
+    """Offline (VITADAPT_OFFLINE=1, as in tests), hub weights already in the Hugging Face cache load from it."""
+    import huggingface_hub
+    from safetensors.torch import save_file
+
+    import vitadapt.models as M
+    torch.manual_seed(1)
+    ref = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=56, num_classes=0)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    asked = []
+
+    def cache(repo_id, filename, **kw):
+        asked.append((repo_id, filename))
+        return str(tmp_path / filename) if filename == "model.safetensors" else None
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", cache)
+    assert M.hub_available("dinov2_vits14") and not M.hub_reachable()
+    model, info = create_backbone("dinov2_vits14", img_size=56)
+    assert info["weights_used"] == "dinov2_vits14" and asked[0] == ("timm/vit_small_patch14_dinov2.lvd142m",
+                                                                     "model.safetensors")
+    assert torch.equal(model.blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    assert not M.hub_available("dinov2_vits14")
+    with pytest.raises(WeightsMissingError, match="not in the local Hugging Face cache"):
+        create_backbone("dinov2_vits14", img_size=56)

@@ -107,31 +107,68 @@ def _load_filtered(model: nn.Module, sd: dict) -> None:
 
 
 _HUB_STATE: dict[str, bool] = {}
+_TRUE = ("1", "on", "yes", "true")
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the timm/Hugging Face hub answers on its HTTPS port (checked once per process), so an
-    offline machine fails at once instead of after minutes of retries."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("VITADAPT_OFFLINE") == "1":
+def hub_offline() -> str | None:
+    """Why the hub must not be asked ($VITADAPT_OFFLINE=1, or $HF_HUB_OFFLINE set as huggingface_hub reads it),
+    else None."""
+    if os.environ.get("VITADAPT_OFFLINE") == "1":
+        return "VITADAPT_OFFLINE=1"
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+        return "HF_HUB_OFFLINE=" + os.environ["HF_HUB_OFFLINE"]
+    return None
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face hub (timm's weights) answers, asked once per process through huggingface_hub's own
+    HTTP session (which honours $HTTPS_PROXY / $NO_PROXY and $HF_ENDPOINT); False at once when offline by
+    :func:`hub_offline`, so an offline machine fails fast instead of after minutes of retries."""
+    if hub_offline():
         return False
     if "ok" not in _HUB_STATE:
-        import socket
+        from huggingface_hub import constants, get_session
         try:
-            with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-                _HUB_STATE["ok"] = True
-        except OSError:
+            get_session().head(constants.ENDPOINT, timeout=timeout)
+            _HUB_STATE["ok"] = True
+        except Exception:  # connection, proxy, DNS, timeout errors of the HTTP client
             _HUB_STATE["ok"] = False
     return _HUB_STATE["ok"]
 
 
+def hub_cached(weights: str) -> str | None:
+    """The local file of hub weights ``weights`` in the Hugging Face cache (timm's ``model.safetensors`` or
+    ``pytorch_model.bin``), or None when not cached (or not a hub source)."""
+    src = WEIGHTS.get(weights)
+    if src is None or src.kind != "hub":
+        return None
+    from huggingface_hub import try_to_load_from_cache
+    repo = timm.models.get_pretrained_cfg(f"{src.arch}.{src.hub_tag}").hf_hub_id
+    for f in ("model.safetensors", "pytorch_model.bin"):
+        hit = try_to_load_from_cache(repo, f) if repo else None
+        if isinstance(hit, str):
+            return hit
+    return None
+
+
+def hub_available(weights: str) -> bool:
+    """Whether hub weights ``weights`` can be had here: in the local Hugging Face cache, or the hub reachable
+    (and not offline by :func:`hub_offline`). The dry-run decision asks this."""
+    return hub_cached(weights) is not None or hub_reachable()
+
+
 def _hub(src: WeightSource, img_size: int, num_classes: int, **kw) -> nn.Module:
-    if not hub_reachable():
-        raise WeightsMissingError(f"weights={src.name!r} need the timm hub, which is not reachable from here "
-                                  "(offline, or HF_HUB_OFFLINE=1 / VITADAPT_OFFLINE=1); use "
+    cached = hub_cached(src.name)
+    if cached is None and not hub_reachable():
+        why = hub_offline() or "no answer through the environment's proxies"
+        raise WeightsMissingError(f"weights={src.name!r} need the timm hub, which is not reachable from here ({why}), "
+                                  "and they are not in the local Hugging Face cache; use "
                                   "weights='dinov2_vits14_imgfocus' or 'auto' offline")
+    # offline with a cached copy: timm loads that file (its own filters apply), asking the hub nothing
+    overlay = {"pretrained_cfg_overlay": {"file": cached}} if cached is not None and not hub_reachable() else {}
     try:
         return timm.create_model(f"{src.arch}.{src.hub_tag}", pretrained=True, img_size=img_size,
-                                 num_classes=num_classes, **kw)
+                                 num_classes=num_classes, **overlay, **kw)
     except Exception as e:  # network, DNS, missing cache: all mean "not available here"
         raise WeightsMissingError(f"weights={src.name!r} could not be fetched from the timm hub "
                                   f"({type(e).__name__}: {str(e)[:200]}); on an offline machine use "
