@@ -10,10 +10,10 @@ export TQDM_DISABLE ?= 1
 export PYTHONHASHSEED := 0
 
 # (fashion-mnist and chromium are phony too)
-.PHONY: fashion-mnist chromium setup reproduce test test-lib test-notebooks nbval test-browser golden report verify-data bench clean help
+.PHONY: fashion-mnist chromium setup reproduce test test-lib test-notebooks nbval test-browser golden report verify-data data bench clean help
 
 help:
-	@echo "make setup | reproduce [PROFILE=smoke|cpu|paper NB=00,01 FORCE=1 REAL=1] | report [PROFILE=smoke] | test | verify-data | bench | golden | clean"
+	@echo "make setup | reproduce [PROFILE=smoke|cpu|paper NB=00,01 FORCE=1 REAL=1] | report [PROFILE=smoke] | test | verify-data | data DATASET=fmow|vtab1k|fgvc|mae_decoder [DATA_ROOT=DIR] | bench | golden | clean"
 
 # Idempotent: the stamp depends on the pin files, so a second run does nothing.
 setup: $(VENV)/.setup-done
@@ -94,6 +94,14 @@ report: setup
 
 verify-data: setup
 	$(PY) -m vitadapt.data.manifest verify
+
+# One command per source that is not a torchgeo download (those download on a real run): downloads (resumable,
+# checksummed where published), extracts and verifies; offline it says so in one line and exits 1.
+DATASET ?=
+DATA_ROOT ?=
+data: setup
+	@[ -n "$(DATASET)" ] || { echo "make data needs DATASET=fmow|vtab1k|fgvc|mae_decoder"; exit 1; }
+	$(PY) -m vitadapt.data.fetch $(DATASET) $(if $(DATA_ROOT),--root $(DATA_ROOT))
 
 bench: setup
 	for b in benchmarks/bench_*.py; do [ -e "$$b" ] || continue; $(PY) $$b || exit 1; done
