@@ -90,6 +90,8 @@ class ExperimentConfig:
     n_test_per_class: int = opt(0, "Test images per class (0: all of the split).", min=0)
     batch_size: int = opt(64, "Batch size for feature extraction and training.", min=1, max=65536)
     num_workers: int = opt(0, "DataLoader worker processes.", min=0, max=64)
+    pin_memory: bool = opt(False, "DataLoader pinned host memory, for faster copies to a CUDA device (ignored where batches do not go to one).")
+    persistent_workers: bool = opt(False, "Keep DataLoader worker processes alive between passes over the data (ignored when num_workers is 0).")
     feature: Literal["cls", "avg", "cls+avg"] = opt("cls+avg", "Frozen features: CLS token, mean of patch tokens, or both concatenated (DinoV2 harness).")
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = opt("cpu", "Lightning Fabric accelerator.")
     devices: int = opt(1, "Devices per node (Fabric).", min=1, max=1024)

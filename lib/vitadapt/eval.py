@@ -2,10 +2,15 @@
 regularisation is chosen on the validation split, and a weighted kNN classifier.
 
 Never select on test: every choice (C of the probe, k of kNN) is made on validation; test is scored once.
+
+Everything runs on a given ``device`` (:func:`eval_device` picks it from a config's ``accelerator``): feature
+extraction under the configured precision (:func:`autocast`), the L-BFGS probe, and kNN in bounded blocks of
+queries x training rows with a running top-k. On the CPU in ``32-true`` every number is what it always was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -20,6 +25,65 @@ from vitadapt.paths import CACHE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
+KNN_CHUNK_Q = 1024          # queries per kNN block
+KNN_CHUNK_TRAIN = 16384     # training rows per kNN block: a block is 1024 x 16384 fp32 = 64 MB
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def eval_device(accelerator: str = "auto") -> torch.device:
+    """The device evaluation runs on for a config's ``accelerator``: CUDA (the current device) for auto/gpu/cuda
+    when CUDA is available, else MPS for auto/gpu/mps when it is, else the CPU (auto, cpu). Asking for cuda, gpu or
+    mps where it does not exist is a ValueError naming the value."""
+    if accelerator not in ACCELERATORS:
+        raise ValueError(f"accelerator={accelerator!r} is not valid; valid values: {', '.join(map(repr, ACCELERATORS))}")
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if accelerator in ("auto", "gpu", "mps") and _mps_available():
+        return torch.device("mps")
+    if accelerator == "auto":
+        return torch.device("cpu")
+    raise ValueError(f"accelerator={accelerator!r} but no {'CUDA or MPS' if accelerator == 'gpu' else accelerator.upper()} "
+                     f"device is available here; use accelerator='auto' or 'cpu' on this machine")
+
+
+def autocast_dtype(device: str | torch.device, precision: str = "32-true") -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device``: bf16 for bf16-mixed/bf16-true, fp16 for 16-mixed, None
+    (plain fp32) for 32-true and on the CPU, so that CPU numbers stay those of fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not valid; valid values: {', '.join(map(repr, PRECISIONS))}")
+    if torch.device(device).type == "cpu" or precision == "32-true":
+        return None
+    return torch.float16 if precision == "16-mixed" else torch.bfloat16
+
+
+def autocast(device: str | torch.device, precision: str = "32-true"):
+    """A context manager running the forward passes inside it in ``precision`` on ``device`` (torch autocast; the
+    weights stay as they are): a null context for 32-true and on the CPU (see :func:`autocast_dtype`)."""
+    dtype = autocast_dtype(device, precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def loader_options(num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
+                   device: str | torch.device | None = None) -> dict:
+    """DataLoader keyword arguments from a config's loader settings, for every loader of the library.
+    ``pin_memory`` applies only where batches go to a CUDA device (``device``'s type; without ``device``: when CUDA
+    is available), ``persistent_workers`` only with ``num_workers > 0`` (both are ignored otherwise, so a profile's
+    defaults never break a run with ``num_workers=0`` or on a CPU machine)."""
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers={num_workers!r} is not valid; valid: an integer >= 0")
+    cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    return {"num_workers": num_workers, "pin_memory": bool(pin_memory) and cuda,
+            "persistent_workers": bool(persistent_workers) and num_workers > 0}
 
 
 def eval_transform(img_size: int):
@@ -56,21 +120,38 @@ def pool_tokens(model: nn.Module, x: torch.Tensor, feature: str = "cls+avg") -> 
     return {"cls": cls, "avg": avg, "cls+avg": torch.cat([cls, avg], -1)}[feature]
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s weights are (the CPU for a model without any)."""
+    t = next(iter(model.parameters()), None)
+    if t is None:
+        t = next(iter(model.buffers()), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def extract_features(model: nn.Module, dataset: Dataset, img_size: int, batch_size: int = 64,
                      feature: str = "cls+avg", num_workers: int = 0, device: str | torch.device = "cpu",
-                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Features and labels of every item of ``dataset`` (PIL images), in order."""
+                     progress: bool = False, precision: str = "32-true", pin_memory: bool = False,
+                     persistent_workers: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of every item of ``dataset`` (PIL images), in order: ``model`` runs on ``device`` in
+    ``precision`` (:func:`autocast`) and goes back where it was; features come back as float32 CPU arrays."""
+    autocast_dtype(device, precision)                    # a bad precision fails before any work
+    device = torch.device(device)
+    home = _model_device(model)
     model = model.to(device).eval()
-    loader = DataLoader(Transformed(dataset, eval_transform(img_size)), batch_size=batch_size,
-                        num_workers=num_workers, shuffle=False)
+    opts = loader_options(num_workers, pin_memory, persistent_workers, device)
+    loader = DataLoader(Transformed(dataset, eval_transform(img_size)), batch_size=batch_size, shuffle=False, **opts)
     if progress:
         from tqdm.auto import tqdm
         loader = tqdm(loader, desc="features", leave=False)
     feats, labels = [], []
-    for x, y in loader:
-        feats.append(pool_tokens(model, x.to(device), feature).float().cpu())
-        labels.append(torch.as_tensor(y))
+    try:
+        with autocast(device, precision):
+            for x, y in loader:
+                feats.append(pool_tokens(model, x.to(device, non_blocking=opts["pin_memory"]), feature).float().cpu())
+                labels.append(torch.as_tensor(y))
+    finally:
+        model.to(home)
     return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
 
@@ -135,13 +216,16 @@ class FeatureCache:
         return blob["features"] if ok else {}
 
     def features(self, model: nn.Module, dataset: Dataset, img_size: int, batch_size: int = 64,
-                 feature: str = "cls+avg", num_workers: int = 0, device="cpu", progress: bool = False):
+                 feature: str = "cls+avg", num_workers: int = 0, device="cpu", progress: bool = False,
+                 precision: str = "32-true", pin_memory: bool = False, persistent_workers: bool = False):
+        """``(X, y)`` of ``dataset``: cached rows, the missing ones computed by :func:`extract_features` on
+        ``device`` in ``precision`` (the key should name a precision other than fp32, see :func:`autocast_dtype`)."""
         from vitadapt.data import Subset
         keys = _item_keys(dataset)
         missing = [i for i, k in enumerate(keys) if k not in self.store]
         if missing:
             X, _ = extract_features(model, Subset(dataset, missing), img_size, batch_size, feature, num_workers,
-                                    device, progress)
+                                    device, progress, precision, pin_memory, persistent_workers)
             for i, row in zip(missing, X):
                 self.store[keys[i]] = torch.from_numpy(row.copy())
             self._save()
@@ -160,11 +244,13 @@ class FeatureCache:
 def fit_logistic(X: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, max_iter: int = 300,
                  init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression, the objective of scikit-learn's ``LogisticRegression(C)``
-    (mean cross-entropy + ||W||^2 / (2 C n), bias not penalised), solved by full-batch L-BFGS in torch.
+    (mean cross-entropy + ||W||^2 / (2 C n), bias not penalised), solved by full-batch L-BFGS in torch, on the
+    device of ``X`` (``y`` and ``init`` are moved there; the weights come back there too).
     scikit-learn's lbfgs took 25-120 s per C on 1,200 x 768 features on this 2-core machine; this takes ~1 s."""
     n, d = X.shape
-    W = torch.zeros(d, num_classes) if init is None else init[0].clone()
-    b = torch.zeros(num_classes) if init is None else init[1].clone()
+    y = y.to(X.device)
+    W = torch.zeros(d, num_classes, device=X.device) if init is None else init[0].to(X.device).clone()
+    b = torch.zeros(num_classes, device=X.device) if init is None else init[1].to(X.device).clone()
     W.requires_grad_(True)
     b.requires_grad_(True)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9,
@@ -182,18 +268,19 @@ def fit_logistic(X: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, m
 
 
 def linear_probe(Xtr, ytr, Xva, yva, Xte, yte, Cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0),
-                 max_iter: int = 100, seed: int = 0) -> dict:
+                 max_iter: int = 100, seed: int = 0, device: str | torch.device = "cpu") -> dict:
     """Multinomial logistic regression on standardised features; C chosen by validation accuracy,
     then the chosen model is scored once on test. Cs are solved from strong to weak regularisation,
-    each warm-started from the previous solution."""
+    each warm-started from the previous solution. The solver runs on ``device`` (float32)."""
     from sklearn.preprocessing import StandardScaler
+    device = torch.device(device)
     torch.manual_seed(seed)
     scaler = StandardScaler().fit(Xtr)
-    t = lambda a: torch.as_tensor(scaler.transform(a), dtype=torch.float32)
+    t = lambda a: torch.as_tensor(scaler.transform(a), dtype=torch.float32).to(device)
     tr, va, te = t(Xtr), t(Xva), t(Xte)
-    ytr_t = torch.as_tensor(ytr, dtype=torch.long)
+    ytr_t = torch.as_tensor(ytr, dtype=torch.long).to(device)
     C_classes = int(max(ytr.max(), yva.max(), yte.max())) + 1
-    acc = lambda Wb, X, y: float(((X @ Wb[0] + Wb[1]).argmax(1).numpy() == y).mean())
+    acc = lambda Wb, X, y: float(((X @ Wb[0] + Wb[1]).argmax(1).cpu().numpy() == y).mean())
     best, val_curve, Wb = None, {}, None
     for C in sorted(Cs):
         Wb = fit_logistic(tr, ytr_t, C_classes, C, max_iter, Wb)
@@ -205,22 +292,64 @@ def linear_probe(Xtr, ytr, Xva, yva, Xte, yte, Cs: Sequence[float] = (0.01, 0.1,
             "val_curve": {str(k): v for k, v in sorted(val_curve.items())}}
 
 
-def knn_predict(Xtr, ytr, Xq, k: int = 20, T: float = 0.07, num_classes: int | None = None) -> np.ndarray:
-    """Weighted kNN on cosine similarity (DINO's evaluation): votes weighted by exp(sim / T)."""
-    tr = torch.nn.functional.normalize(torch.as_tensor(Xtr, dtype=torch.float32), dim=1)
-    q = torch.nn.functional.normalize(torch.as_tensor(Xq, dtype=torch.float32), dim=1)
+def _similarity_block(q: torch.Tensor, tr: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities of one block of (normalised) queries and training rows: the only place kNN allocates
+    a queries x training-rows matrix."""
+    return q @ tr.T
+
+
+def knn_topk(Xtr, Xq, k: int, device: str | torch.device = "cpu", chunk_q: int = KNN_CHUNK_Q,
+             chunk_train: int = KNN_CHUNK_TRAIN) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest cosine similarities of each query to the training rows and their indices ([n_q, k] each,
+    on ``device``, sorted in decreasing order), computed in blocks of ``chunk_q`` queries x ``chunk_train`` training
+    rows with a running top-k merge: besides the features, memory is one block and a [chunk_q, 2k] merge buffer,
+    whatever the dataset sizes. Where one block holds everything this is exactly ``(q @ tr.T).topk(k)``."""
+    for name, v in (("k", k), ("chunk_q", chunk_q), ("chunk_train", chunk_train)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} is not valid; valid: an integer >= 1")
+    device = torch.device(device)
+    tr = torch.nn.functional.normalize(torch.as_tensor(Xtr, dtype=torch.float32).to(device), dim=1)
+    q = torch.nn.functional.normalize(torch.as_tensor(Xq, dtype=torch.float32).to(device), dim=1)
+    if len(tr) == 0:
+        raise ValueError("Xtr has no rows; kNN needs at least one training row")
+    k = min(k, len(tr))
+    sims, idx = [], []
+    for q0 in range(0, len(q), chunk_q):
+        qc, best = q[q0:q0 + chunk_q], None
+        for t0 in range(0, len(tr), chunk_train):
+            s, i = _similarity_block(qc, tr[t0:t0 + chunk_train]).topk(min(k, len(tr) - t0, chunk_train), dim=1)
+            i = i + t0
+            if best is not None:                          # merge: the k best of the running k and this block's
+                s, pos = torch.cat([best[0], s], 1).topk(min(k, best[0].shape[1] + s.shape[1]), dim=1)
+                i = torch.cat([best[1], i], 1).gather(1, pos)
+            best = (s, i)
+        sims.append(best[0])
+        idx.append(best[1])
+    if not sims:
+        return torch.zeros(0, k, device=device), torch.zeros(0, k, dtype=torch.long, device=device)
+    return torch.cat(sims), torch.cat(idx)
+
+
+def knn_predict(Xtr, ytr, Xq, k: int = 20, T: float = 0.07, num_classes: int | None = None,
+                device: str | torch.device = "cpu", chunk_q: int = KNN_CHUNK_Q,
+                chunk_train: int = KNN_CHUNK_TRAIN) -> np.ndarray:
+    """Weighted kNN on cosine similarity (DINO's evaluation): votes weighted by exp(sim / T), on ``device`` in
+    bounded blocks (:func:`knn_topk`). Ties between classes go to the lowest class index (``argmax``); a tie
+    between training rows at the k-th place is broken as ``torch.topk`` breaks it."""
     ytr_t = torch.as_tensor(ytr, dtype=torch.long)
     C = int(num_classes or int(ytr_t.max()) + 1)
-    k = min(k, len(tr))
-    sims, idx = (q @ tr.T).topk(k, dim=1)
+    sims, idx = knn_topk(Xtr, Xq, k, device, chunk_q, chunk_train)
     w = (sims / T).exp()
-    votes = torch.zeros(len(q), C).scatter_add_(1, ytr_t[idx], w)
-    return votes.argmax(1).numpy()
+    votes = torch.zeros(len(sims), C, device=sims.device).scatter_add_(1, ytr_t.to(sims.device)[idx], w)
+    return votes.argmax(1).cpu().numpy()
 
 
-def knn_eval(Xtr, ytr, Xva, yva, Xte, yte, ks: Sequence[int] = (10, 20), T: float = 0.07) -> dict:
-    """kNN accuracy with k chosen on validation."""
+def knn_eval(Xtr, ytr, Xva, yva, Xte, yte, ks: Sequence[int] = (10, 20), T: float = 0.07,
+             device: str | torch.device = "cpu", chunk_q: int = KNN_CHUNK_Q,
+             chunk_train: int = KNN_CHUNK_TRAIN) -> dict:
+    """kNN accuracy with k chosen on validation (each prediction on ``device`` in bounded blocks)."""
     C = int(max(ytr.max(), yva.max(), yte.max())) + 1
-    scores = {k: float((knn_predict(Xtr, ytr, Xva, k, T, C) == yva).mean()) for k in ks}
+    pred = lambda Xq, k: knn_predict(Xtr, ytr, Xq, k, T, C, device, chunk_q, chunk_train)
+    scores = {k: float((pred(Xva, k) == yva).mean()) for k in ks}
     k = max(scores, key=scores.get)
-    return {"test_acc": float((knn_predict(Xtr, ytr, Xte, k, T, C) == yte).mean()), "val_acc": scores[k], "k": k}
+    return {"test_acc": float((pred(Xte, k) == yte).mean()), "val_acc": scores[k], "k": k}

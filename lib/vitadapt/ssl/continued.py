@@ -103,15 +103,18 @@ def augmentation(s: PretrainSettings, img_size: int):
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def loader(s: PretrainSettings, images: tuple, img_size: int, seed: int, num_workers: int = 0) -> DataLoader:
+def loader(s: PretrainSettings, images: tuple, img_size: int, seed: int, num_workers: int = 0,
+           pin_memory: bool = False, persistent_workers: bool = False) -> DataLoader:
     """Batches of ``pretrain_batch_size`` augmented views of ``images`` = (dataset, indices), labels dropped unread,
-    shuffled with ``seed``."""
+    shuffled with ``seed``; loader settings as :func:`vitadapt.eval.loader_options` reads them."""
     data = Unlabelled(*images, augmentation(s, img_size))
     if len(data) < s.pretrain_batch_size:
         raise ValueError(f"{len(data)} pre-training images but pretrain_batch_size={s.pretrain_batch_size}; lower the "
                          f"batch size or raise n_pretrain_images")
-    return DataLoader(data, batch_size=s.pretrain_batch_size, shuffle=True, drop_last=True, num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(seed))
+    from vitadapt.eval import loader_options
+    return DataLoader(data, batch_size=s.pretrain_batch_size, shuffle=True, drop_last=True,
+                      generator=torch.Generator().manual_seed(seed),
+                      **loader_options(num_workers, pin_memory, persistent_workers))
 
 
 def optim(s: PretrainSettings) -> dict:
@@ -153,7 +156,7 @@ def build_objective(s: PretrainSettings, student: nn.Module, seed: int, steps: i
 
 
 def warm_decoder(s: PretrainSettings, base_model: nn.Module, images: tuple, img_size: int, seed: int, fabric,
-                 num_workers: int = 0) -> dict | None:
+                 num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False) -> dict | None:
     """MAE without decoder weights: a fresh decoder trained alone (the encoder, a copy of ``base_model``, frozen) for
     ``decoder_warmup_steps`` on ``images``; returns its weights, to be shared by every variant of the seed. ``None``
     when there is nothing to warm (DinoV2, a checkpoint, or 0 steps)."""
@@ -165,8 +168,8 @@ def warm_decoder(s: PretrainSettings, base_model: nn.Module, images: tuple, img_
     from vitadapt.train import fit, seed_everything
     seed_everything(seed)
     obj, loss_fn, _ = build_objective(s, freeze(copy.deepcopy(base_model)), seed, s.decoder_warmup_steps)
-    fit(fabric, obj, loss_fn, loader(s, images, img_size, 30_000 + seed, num_workers), steps=s.decoder_warmup_steps,
-        lr=s.decoder_warmup_lr or s.pretrain_lr, **optim(s))
+    fit(fabric, obj, loss_fn, loader(s, images, img_size, 30_000 + seed, num_workers, pin_memory, persistent_workers),
+        steps=s.decoder_warmup_steps, lr=s.decoder_warmup_lr or s.pretrain_lr, **optim(s))
     return {k: v.detach().clone() for k, v in obj.state_dict().items() if k.startswith(DECODER_PREFIXES)}
 
 
