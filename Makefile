@@ -1,4 +1,4 @@
-# vitadapt: `make setup`, then `make reproduce` (PROFILE=smoke|cpu|paper, NB=00,01, FORCE=1); `make test`.
+# vitadapt: `make setup`, then `make reproduce` (PROFILE=smoke|cpu|gpu|paper, NB=00,01, FORCE=1); `make test`.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -13,7 +13,7 @@ export PYTHONHASHSEED := 0
 .PHONY: fashion-mnist chromium setup reproduce test test-lib test-notebooks nbval test-browser golden report verify-data data bench gpu-check gpu-bundle clean help
 
 help:
-	@echo "make setup | reproduce [PROFILE=smoke|cpu|paper NB=00,01 FORCE=1 REAL=1] | report [PROFILE=smoke] | test | verify-data | data DATASET=fmow|vtab1k|fgvc|mae_decoder [DATA_ROOT=DIR] | bench | golden | gpu-check | gpu-bundle | clean"
+	@echo "make setup | reproduce [PROFILE=smoke|cpu|gpu|paper NB=00,01 FORCE=1 REAL=1] | report [PROFILE=smoke] | test | verify-data | data DATASET=fmow|vtab1k|fgvc|mae_decoder [DATA_ROOT=DIR] | bench | golden | gpu-check | gpu-bundle | clean"
 
 # Idempotent: the stamp depends on the pin files, so a second run does nothing.
 setup: $(VENV)/.setup-done
@@ -118,4 +118,4 @@ gpu-bundle: setup
 	$(PY) -m vitadapt.gpu_check --build-bundle gpu_bundle
 
 clean:
-	rm -rf outputs/smoke outputs/cpu outputs/paper .pytest_cache
+	rm -rf outputs/smoke outputs/cpu outputs/gpu outputs/paper .pytest_cache

@@ -13,7 +13,7 @@ def test_profile_yaml_then_params_take_precedence():
     assert cfg.img_size == 56 and cfg.seeds == (4,) and cfg.dataset == "aid"
 
 
-@pytest.mark.parametrize("profile", ["smoke", "cpu", "paper"])
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "gpu", "paper"])
 def test_every_profile_builds_every_config(profile):
     for cls, nb in [(DataBackboneConfig, "00_data_and_backbones"), (BaselineConfig, "01_baselines")]:
         build_config(cls, profile, nb)
@@ -39,10 +39,10 @@ def test_bad_values_fail_with_the_valid_ones_named(params, match):
 
 
 def test_bad_profile_names_valid_profiles():
-    with pytest.raises(ValueError, match="profile='gpu' is not valid; valid values: smoke, cpu, paper"):
-        build_config(BaselineConfig, "gpu", "01_baselines")
-    with pytest.raises(ValueError, match="profile='gpu'"):
-        load_profile("gpu")
+    with pytest.raises(ValueError, match="profile='tpu' is not valid; valid values: smoke, cpu, gpu, paper"):
+        build_config(BaselineConfig, "tpu", "01_baselines")
+    with pytest.raises(ValueError, match="profile='tpu'"):
+        load_profile("tpu")
 
 
 def test_show_list_is_validated():

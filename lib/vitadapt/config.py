@@ -20,7 +20,11 @@ import yaml
 
 from vitadapt.paths import CONFIGS, resolve
 
-PROFILES = ("smoke", "cpu", "paper")
+PROFILES = ("smoke", "cpu", "gpu", "paper")
+
+
+class DeviceMissingError(RuntimeError):
+    """The accelerator a config asks for is not on this machine (e.g. accelerator='cuda' without CUDA)."""
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -77,7 +81,7 @@ def _weight_names() -> list[str]:
 class ExperimentConfig:
     """Fields every experiment shares: profile, data, backbone, evaluation scale and devices."""
 
-    profile: Literal["smoke", "cpu", "paper"] = opt("smoke", "Profile: smoke (synthetic, tiny random ViT), cpu (real weights and data, small scale), paper (published settings).")
+    profile: Literal["smoke", "cpu", "gpu", "paper"] = opt("smoke", "Profile: smoke (synthetic, tiny random ViT), cpu (real weights and data, small scale), gpu (one GPU, about an hour for the suite), paper (published settings).")
     dataset: str = opt("synthetic", "Labelled target dataset (a name in vitadapt.data.DATASETS).", choices=_dataset_names)
     data_root: str = opt("", "Root folder of the dataset: when given, it must hold the dataset (else an error naming it); '' uses $VITADAPT_<NAME>_ROOT when set (the same rule), else searches data/<name> and ../shared/data/<name>.")
     weights: str = opt("random", "Weight source (a name in vitadapt.models.WEIGHTS) or a path to a local checkpoint.")
@@ -100,6 +104,7 @@ class ExperimentConfig:
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = opt("32-true", "Fabric precision.")
     dry_run: Literal["no", "yes", "auto"] = opt("no", "yes: build and validate the model and data plan, then stop before training; auto: do so when the data or weights are not available here.")
     out_dir: str = opt("", "Output folder; '' means outputs/<profile>/<notebook>.")
+    fallbacks: tuple = opt((), "Alternatives tried in order when this config's data or weights cannot be had here: each a mapping of field values (e.g. {dataset: aid, weights: dinov2_vits14_imgfocus}); the first whose inputs are available is used, said loudly and recorded (protocol.setup.resolve_fallbacks). YAML only.", yaml_only=True)
 
     # ---- validation -------------------------------------------------------------------------
     def __post_init__(self):
@@ -150,7 +155,30 @@ class ExperimentConfig:
             if isinstance(s, bool) or not isinstance(s, int):
                 raise ValueError(f"seeds={self.seeds!r}: every seed must be an integer")
         self._validate_weights()
+        self._validate_fallbacks()
         self.check()
+
+    def _validate_fallbacks(self) -> None:
+        names = {f.name for f in fields(self)} - {"profile", "fallbacks", "out_dir"}
+        for i, alt in enumerate(self.fallbacks):
+            if not isinstance(alt, dict) or not alt:
+                raise ValueError(f"fallbacks[{i}]={alt!r} must be a non-empty mapping of field values")
+            if bad := sorted(set(alt) - names):
+                raise ValueError(f"fallbacks[{i}]: unknown field(s) {bad}; valid: {', '.join(sorted(names))}")
+
+    def device_needs(self) -> dict[str, Callable[[], object]]:
+        """The devices a real run needs, as probes for the dry-run decision (each raises
+        :class:`DeviceMissingError`): a CUDA device when ``accelerator`` is cuda or gpu."""
+        if self.accelerator not in ("cuda", "gpu"):
+            return {}
+
+        def cuda() -> None:
+            import torch
+            if not torch.cuda.is_available():
+                raise DeviceMissingError(f"no CUDA device (accelerator={self.accelerator!r}, "
+                                         f"torch.cuda.is_available() is False); run on a GPU machine or use "
+                                         f"the cpu profile")
+        return {"CUDA device": cuda}
 
     def _validate_weights(self) -> None:
         names = _weight_names()

@@ -588,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "bar" and not sys.stdout.isatty():
             print(text, file=sys.stderr, flush=True)
 
+    if args.profile in ("gpu", "paper"):                 # GPU profiles: what the suite will cost, before it runs
+        say(plan_text(args.profile, nbs))
     results = []
     t_all = time.perf_counter()
     for i, nb in enumerate(nbs, 1):
@@ -606,6 +608,15 @@ def main(argv: list[str] | None = None) -> int:
         results.append((nb.stem, status, wall, err))
     say(_summary(results, args.profile, time.perf_counter() - t_all))
     return 1 if any(s == "FAILED" for _, s, _, _ in results) else 0
+
+
+def plan_text(profile: str, nbs: list[Path]) -> str:
+    """The estimated GPU time of ``nbs`` in ``profile`` (:func:`vitadapt.plan.estimate`), or why there is none."""
+    from vitadapt.plan import estimate, format_estimate
+    try:
+        return format_estimate(estimate(profile, nbs), profile)
+    except ValueError as e:          # a bad config: its notebook reports it when it runs
+        return f"estimated time: not available ({e})"
 
 
 def _expected_walls(nbs: list[Path], profile: str, per_nb: dict[str, dict], force: bool) -> list[float | None]:

@@ -7,13 +7,15 @@ before training (``None``: it runs). Data and weight sources are recorded with :
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from vitadapt.config import ExperimentConfig, build_config
+from vitadapt.config import DeviceMissingError, ExperimentConfig, build_config
 from vitadapt.data import DataMissingError, Splits, get_dataset, subsample
 
 
@@ -125,9 +127,9 @@ def dry_run_reason(cfg: ExperimentConfig, needs: dict[str, Callable[[], object]]
         return "dry_run='yes'"
     if cfg.dry_run == "no":
         return None
+    missing = device_problems(cfg)
     if needs is None:
-        needs = cfg.needs() if hasattr(cfg, "needs") else {f"dataset {cfg.dataset!r}": lambda: dataset(cfg, download=False)}
-    missing = []
+        needs = _data_needs(cfg)
     for what, probe in needs.items():
         try:
             probe()
@@ -138,6 +140,85 @@ def dry_run_reason(cfg: ExperimentConfig, needs: dict[str, Callable[[], object]]
     if src is not None and src.kind == "hub" and not hub_reachable():
         missing.append(f"weights {cfg.weights!r} (need the timm hub, not reachable from here)")
     return ("not available here: " + "; ".join(missing)) if missing else None
+
+
+def _data_needs(cfg: ExperimentConfig) -> dict[str, Callable[[], object]]:
+    return cfg.needs() if hasattr(cfg, "needs") else {f"dataset {cfg.dataset!r}": lambda: dataset(cfg, download=False)}
+
+
+def device_problems(cfg: ExperimentConfig) -> list[str]:
+    """What of ``cfg.device_needs()`` (e.g. a CUDA device) this machine lacks, one line each ("no CUDA device ...")."""
+    out = []
+    for _, probe in cfg.device_needs().items():
+        try:
+            probe()
+        except DeviceMissingError as e:
+            out.append(str(e))
+    return out
+
+
+def unavailable(cfg: ExperimentConfig) -> list[str]:
+    """What ``cfg`` reads that cannot be had here, one line each (empty: everything can): each of its data probes
+    (``cfg.needs()``, nothing downloaded; a torchgeo set that is not here passes when its server is reachable, since
+    a real run downloads it) and hub weights when the hub does not answer."""
+    from vitadapt.models import WEIGHTS, hub_reachable
+    missing = []
+    for what, probe in _data_needs(cfg).items():
+        try:
+            probe()
+        except (DataMissingError, FileNotFoundError) as e:
+            missing.append(f"{what} ({brief(e, 140)})")
+    src = WEIGHTS.get(cfg.weights)
+    if src is not None and src.kind == "hub" and not hub_reachable():
+        missing.append(f"weights {cfg.weights!r} (need the timm hub, not reachable from here)")
+    return missing
+
+
+def _data_used(cfg: ExperimentConfig):
+    """The labelled data a config reads: its ``tasks`` (RLRR) or ``domains`` (UpStep), else its ``dataset``."""
+    return list(getattr(cfg, "tasks", None) or getattr(cfg, "domains", None) or [cfg.dataset])
+
+
+def _inputs(cfg: ExperimentConfig) -> dict:
+    return {"data": _data_used(cfg), "weights": cfg.weights, "arch": cfg.arch}
+
+
+def resolve_fallbacks(cfg: ExperimentConfig, explicit: tuple = (), say: Callable[[str], None] = print
+                      ) -> tuple[ExperimentConfig, dict | None]:
+    """The config to run and what was decided: ``cfg`` itself when it has no ``fallbacks`` (record None) or its
+    inputs are available here (:func:`unavailable`), else the first of ``cfg.fallbacks`` (each a mapping of field
+    values laid over ``cfg``; one that changes a field in ``explicit``, given by the caller, is not tried) whose
+    inputs are. A fallback is said loudly (``say`` and a warning); the record (kept under "fallback" in
+    metrics.json) names the dataset and weights used, the alternative chosen and why. When nothing is available,
+    ``cfg`` is kept and the dry-run decision says what is missing."""
+    if not cfg.fallbacks:
+        return cfg, None
+    first = unavailable(cfg)
+    rec = {"configured": _inputs(cfg), "fallback": None, "reason": "", "dataset_used": _data_used(cfg),
+           "weights_used": cfg.weights}
+    if not first:
+        return cfg, rec
+    tried = []
+    for i, alt in enumerate(cfg.fallbacks):
+        if clash := sorted(set(alt) & set(explicit)):
+            tried.append(f"fallbacks[{i}] not tried: it changes {clash}, given explicitly")
+            continue
+        cand = dataclasses.replace(cfg, **alt)
+        if gaps := unavailable(cand):
+            tried.append(f"fallbacks[{i}] {alt}: also not available ({'; '.join(gaps)})")
+            continue
+        rec.update(fallback=i, overrides=dict(alt), dataset_used=_data_used(cand), weights_used=cand.weights,
+                   reason="not available here: " + "; ".join(first), tried=tried)
+        bar = "!" * 8
+        msg = (f"FALLBACK: the {cfg.profile} profile's inputs are not available here ({'; '.join(first)}). "
+               f"USING fallbacks[{i}] INSTEAD: {', '.join(f'{k}={v!r}' for k, v in alt.items())}. Results are NOT "
+               f"those of the configured dataset {cfg.dataset!r} / weights {cfg.weights!r}.")
+        say(f"{bar} {msg} {bar}")
+        warnings.warn(msg, stacklevel=2)
+        return cand, rec
+    rec.update(reason="not available here, nor any fallback: " + "; ".join(first), tried=tried)
+    say(f"fallback: none of cfg.fallbacks is available here either ({'; '.join(tried)})")
+    return cfg, rec
 
 
 @dataclass
@@ -168,10 +249,21 @@ def start(notebook: str, config_cls: type[ExperimentConfig], profile: str, threa
     is a dry run (the others, reading only our own outputs or shapes, always run)."""
     from vitadapt.results import Run
     cfg = build_config(config_cls, profile, notebook, **params)
+    if trains and cfg.dry_run == "no" and (problems := device_problems(cfg)):
+        raise DeviceMissingError("; ".join(problems) + " (dry_run='no'; dry_run='auto' plans the run instead)")
+    fallback = None
+    if trains:
+        cfg, fallback = resolve_fallbacks(cfg, tuple(k for k, v in params.items() if v is not None),
+                                          print if not quiet else (lambda _: None))
     setup_torch(threads if threads is not None else (getattr(cfg, "threads", 0) or
                                                      (1 if cfg.profile == "smoke" else None)))
     run = Run(notebook, cfg, quiet=quiet)
+    if fallback is not None:
+        run.use("fallback", fallback)
     dry = dry_run_reason(cfg) if trains else None
     if trains and not quiet:
         print("dry run:", dry or "no")
+    if trains and not dry:
+        from vitadapt.distributed import describe, fabric_for
+        run.compute = describe(fabric_for(cfg), cfg)
     return Setup(notebook, cfg, run, dry)
