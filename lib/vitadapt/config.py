@@ -100,8 +100,11 @@ class ExperimentConfig:
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = opt("cpu", "Lightning Fabric accelerator.")
     devices: int = opt(1, "Devices per node (Fabric).", min=1, max=1024)
     num_nodes: int = opt(1, "Nodes (Fabric; launch with torchrun or SLURM).", min=1, max=4096)
-    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_notebook", "fsdp"] = opt("auto", "Fabric strategy; ddp_notebook inside Jupyter.")
+    strategy: Literal["auto", "ddp", "ddp_notebook"] = opt("auto", "Fabric strategy: ddp with one process per device started by torchrun or SLURM; ddp_notebook forks them from the kernel for each training run; auto picks one of these.")
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = opt("32-true", "Fabric precision.")
+    accumulate_grad_batches: int = opt(1, "Gradient accumulation: batches per optimizer step (effective batch = batch x devices x this).", min=1, max=4096)
+    grad_checkpointing: bool = opt(False, "Activation checkpointing of the ViT blocks while training (timm's set_grad_checkpointing): less memory, about a third more compute.")
+    ddp_timeout_min: int = opt(180, "Minutes a rank waits for the others in a collective (rank 0 evaluating alone) before the run fails.", min=1, max=10080)
     dry_run: Literal["no", "yes", "auto"] = opt("no", "yes: build and validate the model and data plan, then stop before training; auto: do so when the data or weights are not available here.")
     out_dir: str = opt("", "Output folder; '' means outputs/<profile>/<notebook>.")
     fallbacks: tuple = opt((), "Alternatives tried in order when this config's data or weights cannot be had here: each a mapping of field values (e.g. {dataset: aid, weights: dinov2_vits14_imgfocus}); the first whose inputs are available is used, said loudly and recorded (protocol.setup.resolve_fallbacks). YAML only.", yaml_only=True)
@@ -252,6 +255,7 @@ def build_config(cls: type[ExperimentConfig], profile: str = "smoke", notebook: 
     values = {k: v for k, v in load_profile(profile, notebook).items() if k in names}
     values.update({k: v for k, v in params.items() if v is not None})
     values["profile"] = profile
-    if not values.get("out_dir") and notebook:
-        values["out_dir"] = f"outputs/{profile}/{notebook}"
+    if not values.get("out_dir") and notebook:          # ranks other than 0 write under outputs/<profile>/.ranks/
+        from vitadapt.paths import output_dir, shown
+        values["out_dir"] = shown(output_dir(profile, notebook))
     return cls(**values)

@@ -37,8 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from vitadapt import distributed
 from vitadapt.eval import IMAGENET_MEAN, IMAGENET_STD, Transformed, eval_transform
 from vitadapt.peft.common import count_trainable
 from vitadapt.train import Diverged, fit, job, make_fabric, seed_everything
@@ -124,8 +125,8 @@ def concat(a: Dataset, b: Dataset) -> Dataset:
 # ---------------------------------------------------------------------------------------------------------
 # Frozen prefix of a timm ViT on cached tensors (the trainable tail: vitadapt.vit.TailViT)
 
-def _device(fabric) -> torch.device:
-    return fabric.device if fabric is not None else torch.device("cpu")
+_device = distributed.work_device
+_shared = distributed.shares_work
 
 
 @torch.no_grad()
@@ -195,17 +196,24 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 128, fabric=None, 
         return float("nan")
     dev = _device(fabric)
     was_training = model.training
-    model.eval()
+    model.eval().to(dev)
     correct = 0
-    for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
+    part = Subset(ds, range(fabric.global_rank, len(ds), fabric.world_size)) if _shared(fabric) else ds
+    for x, y in DataLoader(part, batch_size=batch_size, shuffle=False):
         with fabric.autocast() if fabric is not None else contextlib.nullcontext():
             logits = model(x.to(dev))
         correct += int((logits.argmax(1).cpu() == torch.as_tensor(y)).sum())
+    if _shared(fabric):           # each rank scored its share of the set: the sum is the whole set's
+        correct = int(fabric.all_reduce(torch.tensor(correct, device=fabric.device), reduce_op="sum"))
     model.train(was_training)
     return correct / len(ds)
 
 
-def _steps(n: int, batch_size: int, steps: int | None, epochs: float | None) -> int:
+def _steps(n: int, batch_size: int, steps: int | None, epochs: float | None, fabric=None) -> int:
+    """Optimizer steps: ``steps``, or ``epochs`` over ``n`` items counted once across the ranks (an optimizer step
+    consumes batch x world size x accumulation items)."""
+    if fabric is not None:
+        batch_size *= fabric.world_size * int(getattr(fabric, "run_settings", {}).get("accumulate", 1))
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of steps= or epochs=")
     if steps is not None:
@@ -268,7 +276,7 @@ def finetune_classifier(model: nn.Module, train_ds: Dataset, eval_sets: dict[str
     else:
         train = materialize(train_ds, img_size) if _fits_in_memory(train_ds, img_size) else \
             Transformed(train_ds, eval_transform(img_size))
-    n_steps = _steps(len(train), batch_size, steps, epochs)
+    n_steps = _steps(len(train), batch_size, steps, epochs, fabric)
     loader = DataLoader(train, batch_size=min(batch_size, len(train)), shuffle=True, drop_last=len(train) >= batch_size,
                         generator=torch.Generator().manual_seed(seed))
 

@@ -38,9 +38,10 @@ def launch_rank() -> int:
         raise ValueError(f"RANK/SLURM_PROCID={rank!r} is not valid; valid values: a non-negative integer") from None
 
 
-def output_dir(profile: str, notebook: str) -> Path:
+def output_dir(profile: str, notebook: str, rank: int | None = None) -> Path:
     """``outputs/<profile>/<notebook>`` on rank 0. Other ranks of a multi-process launch write their copy under
-    ``outputs/<profile>/.ranks/rank<r>/<notebook>`` so that they never overwrite rank 0's outputs."""
-    rank = launch_rank()
+    ``outputs/<profile>/.ranks/rank<r>/<notebook>`` so that they never overwrite rank 0's outputs. ``rank``:
+    another rank's folder (default this process's)."""
+    rank = launch_rank() if rank is None else rank
     base = OUTPUTS / profile
     return base / notebook if rank == 0 else base / ".ranks" / f"rank{rank}" / notebook

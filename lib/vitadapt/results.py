@@ -122,6 +122,7 @@ class Run:
         from vitadapt.train import set_notebook
         set_notebook(notebook)
         self.sources: dict = {}
+        self.compute: dict = {}          # devices and processes (vitadapt.distributed.describe), set by protocol.setup
         self.t0 = time.perf_counter()
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if not quiet:
@@ -166,7 +167,7 @@ class Run:
         return {"notebook": self.notebook, "profile": self.cfg.profile, "config": self.cfg.to_dict(),
                 "config_hash": self.cfg.hash(), "code_hash": code_hash(self.notebook, self.cfg.profile),
                 "git_commit": git_commit(), "packages": package_versions(), "sources": self.sources,
-                "resumed_jobs": len(self.jobs.kept),
+                "resumed_jobs": len(self.jobs.kept), "compute": self.compute,
                 "started": self.started, "wall_time_s": round(time.perf_counter() - self.t0, 2),
                 "host": {"machine": platform.machine(), "cpus": os.cpu_count()}}
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from vitadapt.config import PROFILES, load_profile, load_yaml
-from vitadapt.paths import NOTEBOOKS, output_dir, shown
+from vitadapt.paths import NOTEBOOKS, launch_rank, output_dir, shown
 from vitadapt.results import DRY_RUN_DIR, _alive, atomic_write_text, code_hash
 
 KERNEL = "vitadapt"
@@ -439,7 +439,7 @@ def _would_skip(nb: Path, profile: str, params: dict, force: bool) -> bool:
     """Whether :func:`run_one` skips ``nb`` as unchanged (its last real run had this config and code)."""
     name = nb.stem
     return (not force and name not in ALWAYS_RUN
-            and _up_to_date(output_dir(profile, name), name, _config_key(profile, name, params), code_hash(name, profile)))
+            and _up_to_date(output_dir(profile, name, 0), name, _config_key(profile, name, params), code_hash(name, profile)))
 
 
 def run_one(nb: Path, profile: str, params: dict, force: bool, kernel: str, timeout: int | None,
@@ -452,7 +452,8 @@ def run_one(nb: Path, profile: str, params: dict, force: bool, kernel: str, time
     out_dir = output_dir(profile, name)
     key = _config_key(profile, name, params)
     chash = code_hash(name, profile)
-    if not force and name not in ALWAYS_RUN and _up_to_date(out_dir, name, key, chash):
+    # rank 0's outputs decide for every rank of a multi-process launch: all run a notebook, or none does
+    if not force and name not in ALWAYS_RUN and _up_to_date(output_dir(profile, name, 0), name, key, chash):
         return "skipped (unchanged)", 0.0, ""
     progress = progress or Progress("off")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -467,6 +468,7 @@ def run_one(nb: Path, profile: str, params: dict, force: bool, kernel: str, time
     dry_metrics = out_dir / DRY_RUN_DIR / "metrics.json"        # where a dry run writes (results.Run.finish)
     dry_before = dry_metrics.stat().st_mtime_ns if dry_metrics.exists() else None
     progress.start(label or f"{name} ({profile})", load_timings(profile).get(name))
+    os.environ["VITADAPT_RUN_ID"] = f"{label or name}-{name}"   # the same on every rank: this notebook's process group
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(str(nb), str(tmp), parameters={"profile": profile, **params}, kernel_name=kernel, language="python",
@@ -507,7 +509,10 @@ def run_one(nb: Path, profile: str, params: dict, force: bool, kernel: str, time
 
 
 def _record_timings(profile: str, name: str, progress: Progress, wall: float, status: str) -> None:
-    """Keep a finished run's cell timings for the next run's estimate; a failure to write them is a note only."""
+    """Keep a finished run's cell timings for the next run's estimate (rank 0 only); a failure to write them is a
+    note only."""
+    if launch_rank() != 0:
+        return
     if not progress.timings():
         return
     record = {"wall_s": round(wall, 2), "cells": progress.timings(), "status": status,
@@ -606,6 +611,10 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         say(f"{label} ... {status}" + (f" in {wall:.1f} s" if wall else "") + (f"\n      {err}" if err else ""))
         results.append((nb.stem, status, wall, err))
+        if status == "FAILED" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            say(f"stopping after {nb.stem} failed: the other ranks of this {os.environ['WORLD_SIZE']}-process launch "
+                f"cannot go on without this one (torchrun then stops them)")
+            break
     say(_summary(results, args.profile, time.perf_counter() - t_all))
     return 1 if any(s == "FAILED" for _, s, _, _ in results) else 0
 

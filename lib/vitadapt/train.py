@@ -61,6 +61,9 @@ class Diverged(RuntimeError):
         super().__init__(f"diverged: {where + ' | ' if where else ''}step {self.step} | lr {self.lr:.3g} (peak "
                          f"{self.base_lr:.3g}) | {what}: lower the learning rate")
 
+    def __reduce__(self):            # pickles whole (it comes back from forked training processes)
+        return (Diverged, (self.what, self.step, self.lr, self.base_lr, self.job))
+
     @property
     def short(self) -> str:
         """One line for a table cell or a log: what, step and lr (the job is in the row already)."""
@@ -98,7 +101,9 @@ def _launched(fabric) -> bool:
 
 
 def fabric_from_config(cfg) -> Any:
-    return make_fabric(cfg.accelerator, cfg.devices, cfg.strategy, cfg.num_nodes, cfg.precision)
+    """The run's Fabric from the config's Fabric settings (:func:`vitadapt.distributed.fabric_for`)."""
+    from vitadapt.distributed import fabric_for
+    return fabric_for(cfg)
 
 
 def cosine_lr(step: int, total: int, base_lr: float, warmup: int = 0, min_ratio: float = 0.0) -> float:
@@ -268,7 +273,8 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
         grad_clip: float | None = None, min_lr_ratio: float = 0.0, ckpt_path: str | os.PathLike | None = None,
         ckpt_every: int = 0, ckpt_every_s: float | None = None, config: dict | None = None, on_step: Callable[[int, nn.Module], None] | None = None,
         should_backward: Callable[[int, dict], bool] | None = None, log_every: int = 1,
-        stop_after: int | None = None, progress: bool = False) -> FitResult:
+        stop_after: int | None = None, progress: bool = False, accumulate: int | None = None,
+        grad_checkpointing: bool | None = None) -> FitResult:
     """Train the parameters of ``module`` that require grad for ``steps`` iterations with AdamW and a
     warm-up + cosine schedule.
 
@@ -282,7 +288,53 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
     ``grad_clip``) or trained parameter raises :class:`Diverged`, naming the
     job (:func:`job`), the step and the learning rate.
     Skipped iterations (``should_backward`` false) still run the forward pass and count as steps.
+
+    ``accumulate`` batches make one optimizer step (a step is an optimizer step; the gate decides on the first
+    batch's loss and a skipped step skips its other batches); ``grad_checkpointing`` turns timm's activation
+    checkpointing on in every module that has it. Both default to the run's settings on ``fabric``
+    (:func:`vitadapt.distributed.fabric_for`). On a Fabric that forks its processes from a kernel (in-kernel DDP)
+    the loop runs in those processes and rank 0's trained state (module, gate) comes back into ``module``.
     """
+    from vitadapt import distributed
+    settings = getattr(fabric, "run_settings", {})
+    accumulate = int(settings.get("accumulate", 1) if accumulate is None else accumulate)
+    grad_checkpointing = bool(settings.get("grad_checkpointing", False) if grad_checkpointing is None
+                              else grad_checkpointing)
+    if accumulate < 1:
+        raise ValueError(f"accumulate={accumulate} must be >= 1")
+    if grad_checkpointing:
+        for m in module.modules():
+            if hasattr(m, "set_grad_checkpointing"):
+                m.set_grad_checkpointing(True)
+    kw = dict(steps=steps, lr=lr, weight_decay=weight_decay, warmup=warmup, betas=betas, grad_clip=grad_clip,
+              min_lr_ratio=min_lr_ratio, ckpt_path=ckpt_path, ckpt_every=ckpt_every, ckpt_every_s=ckpt_every_s,
+              config=config, on_step=on_step, should_backward=should_backward, log_every=log_every,
+              stop_after=stop_after, progress=progress, accumulate=accumulate)
+    if distributed.forks(fabric):
+        return _fit_forked(fabric, module, loss_fn, loader, kw)
+    return _fit(fabric, module, loss_fn, loader, **kw)
+
+
+def _fit_forked(fabric, module, loss_fn, loader, kw: dict) -> FitResult:
+    """:func:`_fit` in the processes ``fabric`` forks; the trained module (and gate) state of rank 0 comes back."""
+    from vitadapt import distributed
+    gate = kw["should_backward"]
+
+    def train() -> dict:
+        res = _fit(fabric, module, loss_fn, loader, **kw)
+        return {"result": res, "module": module.state_dict(),
+                "gate": gate.state_dict() if hasattr(gate, "state_dict") else None}
+
+    out = distributed.in_processes(fabric, train)
+    module.load_state_dict(out["module"])
+    if out["gate"] is not None and hasattr(gate, "load_state_dict"):
+        gate.load_state_dict(out["gate"])
+    return out["result"]
+
+
+def _fit(fabric, module: nn.Module, loss_fn, loader, *, steps: int, lr: float, weight_decay: float, warmup: int,
+         betas, grad_clip, min_lr_ratio: float, ckpt_path, ckpt_every: int, ckpt_every_s, config, on_step,
+         should_backward, log_every: int, stop_after, progress: bool, accumulate: int) -> FitResult:
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
     params = trainable_parameters(module)
@@ -317,7 +369,7 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
         torch.cuda.reset_peak_memory_stats(fabric.device)
     t0 = last_save = time.perf_counter()
     ref_loss = None
-    it = _Batches(loader, start, extra.get("rng_epoch") if start else None)
+    it = _Batches(loader, start * accumulate, extra.get("rng_epoch") if start else None)
     bar = None
     if progress and fabric.is_global_zero:
         from tqdm.auto import tqdm
@@ -331,24 +383,39 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
             break
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, warmup, min_lr_ratio)
-        batch = next(it)
         cur_lr = opt.param_groups[0]["lr"]
-        loss, logs = loss_fn(module, batch)
-        if not _finite(loss):
-            raise Diverged(f"non-finite loss ({float(loss.detach().float().mean())})", step, cur_lr, lr)
-        if ref_loss is None:
-            ref_loss = result.history[0]["loss"] if result.history else float(loss.detach())
-        elif float(loss.detach()) > ref_loss + EXPLODED * max(abs(ref_loss), 1.0):
-            raise Diverged(f"the loss exploded from {ref_loss:.4g} to {float(loss.detach()):.4g}", step, cur_lr, lr)
+
+        def forward():
+            nonlocal ref_loss
+            loss, logs = loss_fn(module, next(it))
+            value = loss.detach().float().mean()
+            if fabric.world_size > 1:          # every rank judges the same mean, so all stop together or none does
+                value = fabric.all_reduce(value, reduce_op="mean")
+            if not _finite(value):
+                raise Diverged(f"non-finite loss ({float(value)})", step, cur_lr, lr)
+            if ref_loss is None:
+                ref_loss = result.history[0]["loss"] if result.history else float(value)
+            elif float(value) > ref_loss + EXPLODED * max(abs(ref_loss), 1.0):
+                raise Diverged(f"the loss exploded from {ref_loss:.4g} to {float(value):.4g}", step, cur_lr, lr)
+            return loss, logs, float(value)
+
+        loss, logs, value = forward()
         logs = {k: (v.item() if torch.is_tensor(v) else v) for k, v in dict(logs).items()}
-        logs.update(step=step, loss=float(loss.detach()), lr=opt.param_groups[0]["lr"])
+        logs.update(step=step, loss=value, lr=opt.param_groups[0]["lr"])
         do_backward = True if should_backward is None else bool(should_backward(step, logs))
         if should_backward is not None and fabric.world_size > 1:
             do_backward = bool(fabric.broadcast(do_backward, src=0))   # every rank must agree, or DDP hangs
         logs["backward"] = do_backward
         if do_backward:
             opt.zero_grad(set_to_none=True)
-            fabric.backward(loss)
+            losses = [value]
+            for micro in range(accumulate):
+                if micro:
+                    loss, _, value = forward()
+                    losses.append(value)
+                with fabric.no_backward_sync(module, enabled=fabric.world_size > 1 and micro < accumulate - 1):
+                    fabric.backward(loss / accumulate if accumulate > 1 else loss)
+            logs["loss"] = sum(losses) / len(losses)
             if grad_clip:
                 norm = fabric.clip_gradients(module, opt, max_norm=grad_clip, error_if_nonfinite=False)
                 if norm is not None and not _finite(torch.as_tensor(norm)):
@@ -357,6 +424,8 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
             result.backward_passes += 1
         else:
             result.skipped += 1
+            for _ in range(accumulate - 1):
+                next(it)
         if on_step is not None:
             on_step(step, module)
         if step % log_every == 0 or step == steps - 1:

@@ -167,7 +167,8 @@ def warm_decoder(cfg: ExploraConfig, base_model: nn.Module, seed: int, fabric=No
     """MAE without decoder weights: the fresh decoder trained alone on this seed's images, shared by every variant."""
     from vitadapt.train import fabric_from_config
     return continued.warm_decoder(cfg, base_model, pretrain_pool(cfg, seed), cfg.img_size, seed,
-                                  fabric or fabric_from_config(cfg), cfg.num_workers)
+                                  fabric or fabric_from_config(cfg), cfg.num_workers, cfg.pin_memory,
+                                  cfg.persistent_workers)
 
 
 # ---- one (variant, seed): extended pre-training, merge, evaluation ----------------------------------------------
@@ -206,7 +207,8 @@ def pretrain_variant(cfg: ExploraConfig, variant: str, seed: int, base: tuple[nn
     # the initialisations above draw differently per variant: reseed, so every variant of a seed sees the same
     # images with the same crops, in order
     seed_everything(seed)
-    loader = continued.loader(cfg, pretrain_pool(cfg, seed), cfg.img_size, seed, cfg.num_workers)
+    loader = continued.loader(cfg, pretrain_pool(cfg, seed), cfg.img_size, seed, cfg.num_workers, cfg.pin_memory,
+                              cfg.persistent_workers)
     level = reset_peak_memory(fabric.device)
     res = fit(fabric, objective, loss_fn, loader, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, on_step=on_step,
               progress=progress, ckpt_path=ckpt, ckpt_every_s=checkpoint_every_s() if ckpt else None,
@@ -222,9 +224,10 @@ def evaluate_variant(cfg: ExploraConfig, model: nn.Module, info: dict, seed: int
                      fabric=None, finetune: bool | None = None, ft_splits: Splits | None = None) -> list[dict]:
     """Linear probe and kNN on frozen features and, when ``finetune`` (default: ``cfg.finetune``), the LoRA
     fine-tune (a diverged one gives a row marked diverged). Rows: seed, eval, test_acc, val_acc, selected."""
+    from vitadapt.distributed import on_rank0
     from vitadapt.train import Diverged, job
     splits = splits or setup.labelled(cfg, seed)
-    rows = probe.frozen_eval(cfg, model, info, splits, seed)
+    rows = on_rank0(fabric, lambda: probe.frozen_eval(cfg, model, info, splits, seed))
     if cfg.finetune if finetune is None else finetune:
         try:
             with job(eval="fine-tune"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -34,7 +35,7 @@ from vitadapt import papers
 from vitadapt.config import ExperimentConfig, _dataset_names, literal_values, opt
 from vitadapt.data import Splits
 from vitadapt.data.unlabelled import Unlabelled, draw
-from vitadapt.eval import eval_transform
+from vitadapt.eval import eval_transform, loader_options
 from vitadapt.jobs import checkpoint_every_s
 from vitadapt.peft.common import count_total, count_trainable
 from vitadapt.protocol import figures, grid, probe, report, tables
@@ -174,8 +175,8 @@ def adapt(cfg, base_model: torch.nn.Module, images: tuple[Dataset, list[int]], s
         if cfg.prototype_init == "base_kmeans" else None        # the objective checks there are enough
     objective = build_objective(cfg, copy.deepcopy(base_model), seed, init)
     gate = UpStepGate(cfg.gate, signal=cfg.gate_signal, target_skip=cfg.gate_target_skip, warmup=cfg.gate_warmup)
-    loader = DataLoader(views, batch_size=cfg.adapt_batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(views, batch_size=cfg.adapt_batch_size, shuffle=True, drop_last=True, generator=torch.Generator(
+        ).manual_seed(seed), **loader_options(cfg.num_workers, cfg.pin_memory, cfg.persistent_workers))
     result = fit(fabric or fabric_from_config(cfg), objective, upstep_loss_fn(objective), loader, steps=cfg.steps,
                  lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup_steps, should_backward=gate,
                  progress=progress, ckpt_path=ckpt, ckpt_every_s=checkpoint_every_s() if ckpt else None,
@@ -208,8 +209,9 @@ def _eval_rows(cfg, base, adapted, splits: Splits, domain: str, seed: int, varia
 def run_domain_seed(cfg, base_model, info: dict, domain: str, seed: int, variant: str = "UpStep",
                     fabric=None, include_base: bool = True, progress: bool = False, ckpt=None) -> dict:
     """Steps 1-4 of the protocol: {"evals": rows, "runs": run record, "history": per-step rows, "log": a line}."""
+    from vitadapt.distributed import on_rank0, work_device
     from vitadapt.train import Diverged, job
-    device = fabric.device if fabric is not None else "cpu"
+    device = work_device(fabric)
     base, keys = probe.features(cfg, base_model, info, device), {"domain": domain, "seed": seed, "variant": variant}
     splits, t0 = domain_splits(cfg, domain, seed), time.perf_counter()
     try:
@@ -217,10 +219,11 @@ def run_domain_seed(cfg, base_model, info: dict, domain: str, seed: int, variant
             images = adaptation_pool(cfg, domain, seed, splits.train)
             objective, result = adapt(cfg, base_model, images, seed, domain, fabric, progress, ckpt=ckpt)
     except Diverged as e:
-        rows = _eval_rows(cfg, base, None, splits, domain, seed, variant, diverged=e)
+        rows = on_rank0(fabric, functools.partial(_eval_rows, cfg, base, None, splits, domain, seed, variant, e))
         record, history, line = {**keys, "diverged": str(e)}, [], str(e)
     else:
-        rows = _eval_rows(cfg, base, probe.features(cfg, objective.model, info, device), splits, domain, seed, variant)
+        rows = on_rank0(fabric, lambda: _eval_rows(cfg, base, probe.features(cfg, objective.model, info, device),
+                                                   splits, domain, seed, variant))
         last = result.history[-1] if result.history else {}         # the run's cost and final statistics
         record = {**keys, **result.record(), "adapt_images": len(images[1]),
                   "trainable_params": count_trainable(objective), "trainable_backbone": count_trainable(objective.model),
@@ -270,8 +273,10 @@ def run_ablations(cfg: UpStepConfig, run=None, progress: bool = False, log: Call
     outs = grid.run_jobs(run, grid.product(variant=list(variants), seed=cfg.seeds), lambda j, ckpt: run_domain_seed(
         dataclasses.replace(cfg, **variants[j["variant"]]), base_model, info, domain, j["seed"], j["variant"],
         fabric, include_base=False, progress=progress, ckpt=ckpt), log)
-    base = probe.features(cfg, base_model, info, fabric.device)
-    outs += [{"evals": _eval_rows(cfg, base, None, domain_splits(cfg, domain, s), domain, s, "base")} for s in cfg.seeds]
+    from vitadapt.distributed import on_rank0, work_device
+    base = probe.features(cfg, base_model, info, work_device(fabric))
+    outs += [{"evals": on_rank0(fabric, lambda s=s: _eval_rows(cfg, base, None, domain_splits(cfg, domain, s), domain,
+                                                               s, "base"))} for s in cfg.seeds]
     return grid.Results.of(outs)
 
 

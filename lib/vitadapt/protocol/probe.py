@@ -27,8 +27,14 @@ DEFAULT_KS = (10, 20)
 
 
 def _device(cfg, device):
-    """``device``, or where ``cfg.accelerator`` puts evaluation when it is None."""
-    return eval_device(cfg.accelerator) if device is None else device
+    """``device``, or where ``cfg.accelerator`` puts evaluation when it is None (with several devices: where this
+    process evaluates, :func:`vitadapt.distributed.work_device`)."""
+    if device is not None:
+        return device
+    if cfg.devices * cfg.num_nodes > 1:
+        from vitadapt.distributed import fabric_for, work_device
+        return work_device(fabric_for(cfg))
+    return eval_device(cfg.accelerator)
 
 
 def features(cfg, model, info: dict, device=None, feature: str | None = None,
