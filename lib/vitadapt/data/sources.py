@@ -325,10 +325,10 @@ FMOW_CLASSES = (
     "toll_booth", "tower", "tunnel_opening", "waste_disposal", "water_treatment_facility", "wind_farm", "zoo")
 
 
-FMOW_LAYOUTS = ("fmow_v1.1/rgb_metadata.csv (WILDS: `pip install wilds` then wilds.get_dataset('fmow', "
-                "download=True, root_dir=...)) or train_62classes.csv / val_62classes.csv (SatMAE layout)")
+FMOW_LAYOUTS = ("fmow_v1.1/rgb_metadata.csv (WILDS layout: `make data DATASET=fmow`, ~54 GB) or "
+                "train_62classes.csv / val_62classes.csv (SatMAE layout)")
 LAYOUTS["fmow"] = Layout(FMOW_LAYOUTS, lambda p: (p / "fmow_v1.1" / "rgb_metadata.csv").exists()
-                         or (p / "train_62classes.csv").exists())
+                         or (p / "train_62classes.csv").exists(), "Get it with `make data DATASET=fmow`.")
 
 
 @register("fmow")

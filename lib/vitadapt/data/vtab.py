@@ -369,6 +369,12 @@ def read_vtab1k_list(path: Path) -> tuple[list[str], list[int]]:
     return paths, labels
 
 
+LAYOUTS["vtab1k"] = Layout("the VTAB-1k task folders <task>/{train800,val200,train800val200,test}.txt + images",
+                          lambda p: any(p.iterdir()), "Get it with `make data DATASET=vtab1k` (it prints the steps).")
+LAYOUTS["fgvc"] = Layout("the FGVC folders in VPT's layout <folder>/{train,val,test}.json + images",
+                        lambda p: any(p.iterdir()), "Get them with `make data DATASET=fgvc` (it prints the steps).")
+
+
 @register("vtab1k")
 def vtab1k(root: str = "", task: str = "", skip_bad_images: bool | None = None, **_) -> Splits:
     """One VTAB-1k task from ``<root>/<task>/`` (lists train800.txt, val200.txt, test.txt; train800val200.txt
@@ -381,7 +387,8 @@ def vtab1k(root: str = "", task: str = "", skip_bad_images: bool | None = None, 
     missing = [str(p) for p in lists.values() if not p.exists()]
     if missing:
         raise DataMissingError(f"VTAB-1k task {task!r} at {d} lacks {', '.join(missing)}; the standard layout is "
-                               f"<root>/<task>/{{train800,val200,train800val200,test}}.txt + images (NOAH/SSF/RLRR repos)")
+                               f"<root>/<task>/{{train800,val200,train800val200,test}}.txt + images (NOAH/SSF/RLRR "
+                               f"repos; `make data DATASET=vtab1k`)")
     parts = {k: read_vtab1k_list(p) for k, p in lists.items()}
     both = d / "train800val200.txt"
     if both.exists():
@@ -408,7 +415,8 @@ def fgvc(root: str = "", task: str = "", skip_bad_images: bool | None = None, **
     for split in ("train", "val", "test"):
         p = d / f"{split}.json"
         if not p.exists():
-            raise DataMissingError(f"FGVC {task!r}: {p} is missing (VPT layout: train.json, val.json, test.json)")
+            raise DataMissingError(f"FGVC {task!r}: {p} is missing (VPT layout: train.json, val.json, test.json; "
+                                   f"`make data DATASET=fgvc`)")
         parts[split] = json.loads(p.read_text())
     ids = sorted({v for part in parts.values() for v in part.values()})
     cont = {v: i for i, v in enumerate(ids)}
