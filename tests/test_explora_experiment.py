@@ -88,7 +88,7 @@ def test_config_rejects_bad_values_naming_the_valid_ones(tmp_path, kw, match):
 
 def test_profiles_build_for_every_notebook():
     for nb in ("10_explora_dinov2", "11_explora_mae", "12_explora_ablations"):
-        for profile in ("smoke", "cpu", "paper"):
+        for profile in ("smoke", "cpu", "gpu", "paper"):
             cfg = build_config(E.ExploraConfig, profile, nb)
             assert cfg.objective == ("mae" if nb.startswith("11") else "dinov2")
             assert len(cfg.seeds) >= (3 if profile == "cpu" else 1)

@@ -107,11 +107,11 @@ def test_invalid_fields_are_reported_in_the_form_without_launching(monkeypatch):
 
 
 def test_unknown_profiles_and_notebooks_are_named():
-    with pytest.raises(ValueError, match="profile='gpu' is not valid; valid values: smoke, cpu, paper"):
-        Launcher("01_baselines", profile="gpu")
+    with pytest.raises(ValueError, match="profile='tpu' is not valid; valid values: smoke, cpu, gpu, paper"):
+        Launcher("01_baselines", profile="tpu")
     la = Launcher("90_results", profile="smoke")
-    la.widgets["source_profile"].value = "gpu"
-    assert la.problems() == {"source_profile": "'gpu' is not a profile; valid values: smoke, cpu, paper"}
+    la.widgets["source_profile"].value = "tpu"
+    assert la.problems() == {"source_profile": "'tpu' is not a profile; valid values: smoke, cpu, gpu, paper"}
     la.widgets["source_profile"].value = '""'
     assert la.problems() == {}
     la.picker.value = "99_launcher"

@@ -80,8 +80,8 @@ def test_runner_selection_and_bad_values(fake_repo, capsys):
     with pytest.raises(ValueError, match="NB='7' matches no notebook; valid: 01_a, 02_b"):
         runner.discover("7")
     with pytest.raises(SystemExit):
-        runner.main(["--profile", "gpu"])
-    assert "profile='gpu' is not valid; valid values: smoke, cpu, paper" in capsys.readouterr().err
+        runner.main(["--profile", "tpu"])
+    assert "profile='tpu' is not valid; valid values: smoke, cpu, gpu, paper" in capsys.readouterr().err
 
 
 def test_a_new_run_clears_pending_folders_of_dead_runs(tmp_path):

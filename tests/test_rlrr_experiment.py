@@ -40,7 +40,7 @@ def test_grid_is_base_lr_times_multipliers():
     assert [p["lr"] for p in g] == [2.5e-3, 2.5e-3, 1e-2, 1e-2] and [p["weight_decay"] for p in g] == [0.0, 0.1] * 2
 
 
-@pytest.mark.parametrize("profile", ["smoke", "cpu", "paper"])
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "gpu", "paper"])
 def test_notebook_profiles_build(profile):
     for nb in ("30_rlrr", "31_rlrr_ablations"):
         cfg = build_config(X.RLRRConfig, profile, nb)

@@ -36,7 +36,7 @@ def tiny_cfg(**kw) -> U.UpStepConfig:
 
 # ---- config -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("profile", ["smoke", "cpu", "paper"])
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "gpu", "paper"])
 @pytest.mark.parametrize("notebook", ["20_upstep", "21_upstep_ablations"])
 def test_profiles_build(profile, notebook):
     cfg = build_config(U.UpStepConfig, profile, notebook)
