@@ -99,16 +99,20 @@ class Clock:
         return self.budget_s - (time.perf_counter() - self.t0)
 
     @contextlib.contextmanager
-    def limit(self):
-        """Raise :class:`StepTimeout` inside the step when the budget is spent (POSIX main thread; else no limit)."""
+    def limit(self, cap_s: float | None = None):
+        """Raise :class:`StepTimeout` inside the step when the budget is spent or after ``cap_s`` seconds (POSIX
+        main thread; else no limit)."""
         if not hasattr(signal, "setitimer") or os.name != "posix":
             yield
             return
+        left = self.left()
+        capped = cap_s is not None and cap_s < left
 
         def ring(*_):
-            raise StepTimeout(f"the budget of {self.budget_s:.0f} s ran out during this step")
+            raise StepTimeout(f"this step's cap of {cap_s:.0f} s ran out" if capped else
+                              f"the budget of {self.budget_s:.0f} s ran out during this step")
         old = signal.signal(signal.SIGALRM, ring)
-        signal.setitimer(signal.ITIMER_REAL, max(0.5, self.left()))
+        signal.setitimer(signal.ITIMER_REAL, max(0.5, min(left, cap_s) if capped else left))
         try:
             yield
         finally:
@@ -116,16 +120,16 @@ class Clock:
             signal.signal(signal.SIGALRM, old)
 
 
-def run_step(rep: Report, clock: Clock, name: str, estimate_s: float, fn, *args):
+def run_step(rep: Report, clock: Clock, name: str, estimate_s: float, fn, *args, cap_s: float | None = None):
     """Run ``fn(*args)`` (returning a detail string, or (detail, extra dict)) as one step: SKIP when fewer than
     ``estimate_s`` seconds of the budget are left, FAIL on any exception (its last line kept, the traceback in the
-    JSON), else PASS. Never raises (but Ctrl-C)."""
+    JSON) or when it runs past ``cap_s`` seconds or the budget, else PASS. Never raises (but Ctrl-C)."""
     if clock.left() < estimate_s:
         rep.step(name, "SKIP", 0.0, f"needs about {estimate_s:.0f} s, {max(0.0, clock.left()):.0f} s of the budget left")
         return None
     t0 = time.perf_counter()
     try:
-        with clock.limit():
+        with clock.limit(cap_s):
             out = fn(*args)
     except (Exception, StepTimeout) as e:
         msg = str(e).strip().splitlines()
@@ -294,8 +298,8 @@ def environment(device: str) -> dict:
 
 def notebook_overrides(nb: str, inp: Inputs, device: str, precision: str, out: Path) -> dict:
     """The parameters the check gives ``start`` for notebook ``nb`` on top of the smoke profile: the device, the
-    precision, an output folder under ``out`` and, with the bundle, its AID images and ViT-S/14 weights at 112 px."""
-    kw: dict = dict(accelerator=device, precision=precision, devices=1, strategy="auto", dry_run="no",
+    precision, one seed, an output folder under ``out`` and, with the bundle, its AID images and ViT-S/14 weights at 112 px."""
+    kw: dict = dict(accelerator=device, precision=precision, devices=1, strategy="auto", dry_run="no", seeds=[0],
                     out_dir=str(out / nb))
     if nb == "30_rlrr":
         kw["methods"] = list(RLRR_METHODS)
@@ -317,24 +321,26 @@ def notebook_overrides(nb: str, inp: Inputs, device: str, precision: str, out: P
 
 
 def run_notebook(nb: str, overrides: dict) -> tuple[str, dict]:
-    """Notebook ``nb``'s set-up, run and record, as its cells call them (no tables shown, no figures)."""
+    """Notebook ``nb``'s set-up, run and record, as its cells call them (no tables shown, no figures); torch uses
+    every core (the smoke profile would use one)."""
     from vitadapt.protocol.report import finish
     from vitadapt.protocol.setup import start
+    threads = os.cpu_count() or 1
     with contextlib.redirect_stdout(_Tail()) as log:
         if nb in ("10_explora_dinov2", "11_explora_mae"):
             from vitadapt.experiments import explora as E
-            S = start(nb, E.ExploraConfig, "smoke", **overrides)
+            S = start(nb, E.ExploraConfig, "smoke", threads=threads, **overrides)
             res = E.run_comparison(S.cfg, S.run)
             metrics, rows = {**E.summary(res), "plan": E.plan_table(S.cfg).reset_index().to_dict(orient="records")}, \
                 E.result_rows(res, "ExPLoRA")
         elif nb == "20_upstep":
             from vitadapt.experiments import upstep as U
-            S = start(nb, U.UpStepConfig, "smoke", **overrides)
+            S = start(nb, U.UpStepConfig, "smoke", threads=threads, **overrides)
             res = U.run_upstep(S.cfg, S.run)
             metrics, rows = U.summary(res), U.result_rows(res)
         elif nb == "30_rlrr":
             from vitadapt.experiments import rlrr as X
-            S = start(nb, X.RLRRConfig, "smoke", **overrides)
+            S = start(nb, X.RLRRConfig, "smoke", threads=threads, **overrides)
             df, grid = X.run_benchmark(S.cfg, S)
             tabs = X.summary_tables(df, S.cfg.groups)
             metrics, rows = X.benchmark_metrics(df, tabs), X.result_rows(df)
@@ -474,19 +480,20 @@ class TooSlow(RuntimeError):
     """The suite's loop is more than :data:`SUITE_TOLERANCE` slower than the bare loop (the step FAILs)."""
 
 
-def _compare(name: str, n_images: int, bare_s: float, suite_s: float, peak: float | None,
+def _compare(name: str, n_images: int, bare_s: float, suite_s: float, peak: tuple | None,
              judged: bool = True) -> tuple[str, dict]:
-    """The detail and record of one measurement; raises :class:`TooSlow` when ``judged`` and the suite is too slow."""
+    """The detail and record of one measurement (``peak``: the bare and the suite loop's peak GPU memory in MiB, or
+    None on the CPU); raises :class:`TooSlow` when ``judged`` and the suite is too slow."""
     bare, suite = n_images / bare_s, n_images / suite_s
     ratio = suite / bare
     ok = ratio >= 1 - SUITE_TOLERANCE
-    mem = f"; peak {peak:,.0f} MiB" if peak is not None else ""
+    mem = f"; peak memory bare {peak[0]:,.0f} MiB, suite {peak[1]:,.0f} MiB" if peak is not None else ""
     verdict = ("within" if ok else "NOT within") + f" {SUITE_TOLERANCE:.0%}" + ("" if judged else " (not judged: tiny)")
     detail = f"suite {suite:,.1f} img/s, bare {bare:,.1f} img/s, ratio {ratio:.3f} [{verdict}]{mem}"
     if judged and not ok:
         raise TooSlow(detail)
     return detail, {"suite_img_s": suite, "bare_img_s": bare, "ratio": ratio, "within_tolerance": ok,
-                    "peak_mib": peak, "what": name}
+                    "peak_mib_bare": peak and peak[0], "peak_mib_suite": peak and peak[1], "what": name}
 
 
 def throughput_pretrain(label: str, arch: str, arch_kwargs: dict, sc: Scale, device: str, precision: str):
@@ -516,9 +523,12 @@ def throughput_pretrain(label: str, arch: str, arch_kwargs: dict, sc: Scale, dev
     _peak_reset(device)
     bare_s = bare_train(obj, loss_fn, batch, sc.steps, device, precision, on_step=on_step)
     peak = _peak_mib(device)
+    del obj
     obj, loss_fn, on_step = objective()
     fabric = make_fabric(device, 1, "auto", precision=precision)
+    _peak_reset(device)
     suite_s = suite_train(fabric, obj, loss_fn, batch, sc.steps, on_step=on_step)
+    peak = None if peak is None else (peak, _peak_mib(device))
     return _compare(f"{label} ExPLoRA pre-training", sc.batch * sc.steps, bare_s, suite_s, peak, sc.judged)
 
 
@@ -543,8 +553,11 @@ def throughput_finetune(label: str, arch: str, arch_kwargs: dict, sc: Scale, dev
     _peak_reset(device)
     bare_s = bare_train(model, loss_fn, batch, sc.steps, device, precision)
     peak = _peak_mib(device)
+    del model
     model = lora_classifier(vit, 10, 8, ("q", "v")).to(device)
+    _peak_reset(device)
     suite_s = suite_train(make_fabric(device, 1, "auto", precision=precision), model, loss_fn, batch, sc.steps)
+    peak = None if peak is None else (peak, _peak_mib(device))
     return _compare(f"{label} LoRA-r8 fine-tune", sc.batch * sc.steps, bare_s, suite_s, peak, sc.judged)
 
 
@@ -576,11 +589,14 @@ def throughput_inference(label: str, arch: str, arch_kwargs: dict, sc: Scale, de
     bare_s = bare()
     peak = _peak_mib(device)
     fabric = make_fabric(device, 1, "auto", precision=precision)
+    _peak_reset(device)
     _sync(device)
     t0 = time.perf_counter()
     evaluate(model, TensorSet(x, y), sc.infer_batch, fabric)
     _sync(device)
-    return _compare(f"{label} inference", n, bare_s, time.perf_counter() - t0, peak, sc.judged)
+    suite_s = time.perf_counter() - t0
+    peak = None if peak is None else (peak, _peak_mib(device))
+    return _compare(f"{label} inference", n, bare_s, suite_s, peak, sc.judged)
 
 
 # ---- DDP -----------------------------------------------------------------------------------------------------------
@@ -645,16 +661,18 @@ def check(out: Path, device: str, budget_s: float, precision: str = "bf16-mixed"
             import torch
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        est_nb = 15 if tiny else 60
-        for nb in NOTEBOOKS:
-            run_step(rep, clock, f"notebook {nb}", est_nb, run_notebook, nb,
-                     notebook_overrides(nb, inp, device, precision, out / "notebooks"))
+        # throughput first (short and fixed), then the notebooks (their time depends on the library's CPU phases)
         sc = Scale.of(tiny)
-        est_tp = 5 if tiny else 40
+        est_tp, cap_tp = (5, 60) if tiny else (20, 60)
         for label, arch, kw in sc.models:
             for what, fn in (("ExPLoRA pre-training", throughput_pretrain), ("LoRA-r8 fine-tune", throughput_finetune),
                              ("inference", throughput_inference)):
-                run_step(rep, clock, f"throughput {label} {what}", est_tp, fn, label, arch, kw, sc, device, precision)
+                run_step(rep, clock, f"throughput {label} {what}", est_tp, fn, label, arch, kw, sc, device, precision,
+                         cap_s=cap_tp)
+        est_nb, cap_nb = (10, 120) if tiny else (30, 120)
+        for nb in NOTEBOOKS:
+            run_step(rep, clock, f"notebook {nb}", est_nb, run_notebook, nb,
+                     notebook_overrides(nb, inp, device, precision, out / "notebooks"), cap_s=cap_nb)
         n_gpu = env["gpu_count"]
         if n_gpu >= 2 or device == "cpu":
             run_step(rep, clock, "DDP 2 processes (torchrun)", 20 if device == "cpu" else 60, ddp_check, out / "ddp",
