@@ -130,3 +130,15 @@ def test_bundle_arguments_are_checked(tmp_path):
         G.build_bundle(tmp_path / "b", dtype="int8")
     with pytest.raises(ValueError, match="three counts"):
         G.build_bundle(tmp_path / "b", per_split=(1, 0, 1))
+
+
+def test_a_failing_notebook_reports_its_last_lines(tmp_path):
+    with pytest.raises(ValueError, match="valid values: 10_explora_dinov2"):
+        G.run_notebook("99_launcher", {})
+    over = G.notebook_overrides("30_rlrr", G.Inputs(None), "cpu", "32-true", tmp_path)
+    over["methods"] = ["linear"]
+    over["lr_multipliers"] = [-1.0]                  # a bad value: the config refuses it before any work
+    rep, clock = G.Report(tmp_path), G.Clock(60)
+    G.run_step(rep, clock, "notebook 30_rlrr", 0, G.run_notebook, "30_rlrr", over)
+    assert rep.steps[0]["status"] == "FAIL" and "lr_multipliers" in rep.steps[0]["detail"]
+    assert "the notebook's last lines" in rep.steps[0]["traceback"]

@@ -322,11 +322,22 @@ def notebook_overrides(nb: str, inp: Inputs, device: str, precision: str, out: P
 
 def run_notebook(nb: str, overrides: dict) -> tuple[str, dict]:
     """Notebook ``nb``'s set-up, run and record, as its cells call them (no tables shown, no figures); torch uses
-    every core (the smoke profile would use one)."""
+    every core (the smoke profile would use one). On failure the notebook's last printed lines join the error."""
+    if nb not in NOTEBOOKS:
+        raise ValueError(f"notebook {nb!r} is not valid; valid values: {', '.join(NOTEBOOKS)}")
+    threads = os.cpu_count() or 1
+    log = _Tail()
+    try:
+        return _run_notebook(nb, overrides, threads, log)
+    except BaseException as e:
+        e.add_note("the notebook's last lines:\n" + "\n".join(log.tail()[-12:]))
+        raise
+
+
+def _run_notebook(nb: str, overrides: dict, threads: int, log: "_Tail") -> tuple[str, dict]:
     from vitadapt.protocol.report import finish
     from vitadapt.protocol.setup import start
-    threads = os.cpu_count() or 1
-    with contextlib.redirect_stdout(_Tail()) as log:
+    with contextlib.redirect_stdout(log):
         if nb in ("10_explora_dinov2", "11_explora_mae"):
             from vitadapt.experiments import explora as E
             S = start(nb, E.ExploraConfig, "smoke", threads=threads, **overrides)
@@ -344,8 +355,8 @@ def run_notebook(nb: str, overrides: dict) -> tuple[str, dict]:
             df, grid = X.run_benchmark(S.cfg, S)
             tabs = X.summary_tables(df, S.cfg.groups)
             metrics, rows = X.benchmark_metrics(df, tabs), X.result_rows(df)
-        else:
-            raise ValueError(f"notebook {nb!r} is not valid; valid values: {', '.join(NOTEBOOKS)}")
+        else:  # pragma: no cover - run_notebook checks the name
+            raise AssertionError(nb)
         finish(S, metrics, rows)
     cfg = S.cfg
     blob = json.loads((Path(S.run.out_dir) / "metrics.json").read_text())
@@ -471,6 +482,12 @@ def suite_train(fabric, module, loss_fn, batch, steps: int, lr: float = 1e-4, we
     return time.perf_counter() - t0
 
 
+def _fabric(device: str, precision: str):
+    """A one-device Fabric at ``precision``: what the suite's loops run under (the one place the check builds one)."""
+    from vitadapt.train import make_fabric
+    return make_fabric(device, 1, "auto", precision=precision)
+
+
 def _to(batch, device):
     from lightning.fabric.utilities.apply_func import move_data_to_device
     return move_data_to_device(batch, device)
@@ -504,7 +521,7 @@ def throughput_pretrain(label: str, arch: str, arch_kwargs: dict, sc: Scale, dev
     from vitadapt.data.synthetic import SyntheticShapes
     from vitadapt.experiments import explora as E
     from vitadapt.ssl import continued
-    from vitadapt.train import make_fabric, seed_everything
+    from vitadapt.train import seed_everything
     cfg = build_config(E.ExploraConfig, "smoke", "10_explora_dinov2", arch=arch, arch_kwargs=arch_kwargs,
                        img_size=sc.img_size, local_size=sc.local_size, weights="random", rank=64, targets="q,v",
                        unfreeze="L", n_local_crops=2, pretrain_batch_size=sc.batch, n_prototypes=sc.head[0],
@@ -525,7 +542,7 @@ def throughput_pretrain(label: str, arch: str, arch_kwargs: dict, sc: Scale, dev
     peak = _peak_mib(device)
     del obj
     obj, loss_fn, on_step = objective()
-    fabric = make_fabric(device, 1, "auto", precision=precision)
+    fabric = _fabric(device, precision)
     _peak_reset(device)
     suite_s = suite_train(fabric, obj, loss_fn, batch, sc.steps, on_step=on_step)
     peak = None if peak is None else (peak, _peak_mib(device))
@@ -539,7 +556,7 @@ def throughput_finetune(label: str, arch: str, arch_kwargs: dict, sc: Scale, dev
     import torch.nn.functional as F
 
     from vitadapt.finetune import lora_classifier
-    from vitadapt.train import make_fabric, seed_everything
+    from vitadapt.train import seed_everything
     seed_everything(0)
     vit = timm.create_model(arch, pretrained=False, img_size=sc.img_size, num_classes=0, **arch_kwargs)
     x = torch.randn(sc.batch, 3, sc.img_size, sc.img_size, device=device)
@@ -556,7 +573,7 @@ def throughput_finetune(label: str, arch: str, arch_kwargs: dict, sc: Scale, dev
     del model
     model = lora_classifier(vit, 10, 8, ("q", "v")).to(device)
     _peak_reset(device)
-    suite_s = suite_train(make_fabric(device, 1, "auto", precision=precision), model, loss_fn, batch, sc.steps)
+    suite_s = suite_train(_fabric(device, precision), model, loss_fn, batch, sc.steps)
     peak = None if peak is None else (peak, _peak_mib(device))
     return _compare(f"{label} LoRA-r8 fine-tune", sc.batch * sc.steps, bare_s, suite_s, peak, sc.judged)
 
@@ -568,7 +585,6 @@ def throughput_inference(label: str, arch: str, arch_kwargs: dict, sc: Scale, de
     import torch
 
     from vitadapt.finetune import TensorSet, evaluate
-    from vitadapt.train import make_fabric
     model = timm.create_model(arch, pretrained=False, img_size=sc.img_size, num_classes=10, **arch_kwargs)
     model = model.to(device).eval()
     n = sc.infer_batch * max(2, sc.steps // 2)
@@ -588,7 +604,7 @@ def throughput_inference(label: str, arch: str, arch_kwargs: dict, sc: Scale, de
     _peak_reset(device)
     bare_s = bare()
     peak = _peak_mib(device)
-    fabric = make_fabric(device, 1, "auto", precision=precision)
+    fabric = _fabric(device, precision)
     _peak_reset(device)
     _sync(device)
     t0 = time.perf_counter()
