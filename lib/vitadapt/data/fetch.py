@@ -59,19 +59,26 @@ class FetchError(RuntimeError):
     """A download, checksum or extraction failed; the message is the one line the command prints."""
 
 
+_REACHED: dict[str, str | None] = {}
+
+
 def reachable(url: str, timeout: float = 10.0) -> str | None:
     """None when the server of ``url`` answers (through the proxies of $HTTPS_PROXY / $NO_PROXY, as urllib reads
-    them; any HTTP status counts), else why not, in a few words. $VITADAPT_OFFLINE=1 is never reachable."""
+    them; any HTTP status counts), else why not, in a few words; asked once per server and process.
+    $VITADAPT_OFFLINE=1 is never reachable."""
     if os.environ.get(OFFLINE_ENV) == "1":
         return f"${OFFLINE_ENV}=1"
-    host = urllib.parse.urlsplit(url).hostname
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
-            return None
-    except urllib.error.HTTPError:          # the server answered (403, 405, ...): the network is there
-        return None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        return f"{host} is not reachable ({getattr(e, 'reason', e)})"
+    parts = urllib.parse.urlsplit(url)
+    key = f"{parts.scheme}://{parts.netloc}"
+    if key not in _REACHED:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+                _REACHED[key] = None
+        except urllib.error.HTTPError:          # the server answered (403, 405, ...): the network is there
+            _REACHED[key] = None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            _REACHED[key] = f"{parts.hostname} is not reachable ({getattr(e, 'reason', e)})"
+    return _REACHED[key]
 
 
 def _md5(path: Path) -> str:
