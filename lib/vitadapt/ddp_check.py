@@ -1,6 +1,6 @@
 """A 2-process CPU DDP run (gloo) of the project's training loop on synthetic data.
 
-    python -m vitadapt.ddp_check OUT_DIR [--devices 2] [--steps 4]
+    python -m vitadapt.ddp_check OUT_DIR [--devices 2] [--steps 4] [--accelerator cpu|cuda]
 
 Each rank sees different batches (DistributedSampler through Fabric), gradients are all-reduced, so every
 rank must end with identical parameters; each rank writes its parameters to OUT_DIR/rank<r>.pt."""
@@ -24,9 +24,10 @@ def main(argv=None) -> None:
     ap.add_argument("out")
     ap.add_argument("--devices", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--accelerator", default="cpu", help="cpu (gloo) or cuda (nccl)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    fabric = make_fabric("cpu", args.devices, "ddp")
+    fabric = make_fabric(args.accelerator, args.devices, "ddp")
     seed_everything(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
                               embed_dim=48, num_heads=2, num_classes=10)

@@ -198,10 +198,15 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 128, fabric=None, 
     was_training = model.training
     model.eval().to(dev)
     correct = 0
-    part = Subset(ds, range(fabric.global_rank, len(ds), fabric.world_size)) if _shared(fabric) else ds
-    for x, y in DataLoader(part, batch_size=batch_size, shuffle=False):
+    mine = range(fabric.global_rank, len(ds), fabric.world_size) if _shared(fabric) else range(len(ds))
+    if isinstance(ds, TensorSet):      # slices, not a DataLoader stacking one item at a time
+        xs, ys = (ds.x, ds._y) if len(mine) == len(ds) else (ds.x[list(mine)], ds._y[list(mine)])
+        batches = ((xs[i:i + batch_size], ys[i:i + batch_size]) for i in range(0, len(ys), batch_size))
+    else:
+        batches = DataLoader(Subset(ds, mine), batch_size=batch_size, shuffle=False)
+    for x, y in batches:
         with fabric.autocast() if fabric is not None else contextlib.nullcontext():
-            logits = model(x.to(dev))
+            logits = model(x.to(dev, non_blocking=True))
         correct += int((logits.argmax(1).cpu() == torch.as_tensor(y)).sum())
     if _shared(fabric):           # each rank scored its share of the set: the sum is the whole set's
         correct = int(fabric.all_reduce(torch.tensor(correct, device=fabric.device), reduce_op="sum"))

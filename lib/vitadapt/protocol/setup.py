@@ -127,18 +127,7 @@ def dry_run_reason(cfg: ExperimentConfig, needs: dict[str, Callable[[], object]]
         return "dry_run='yes'"
     if cfg.dry_run == "no":
         return None
-    missing = device_problems(cfg)
-    if needs is None:
-        needs = _data_needs(cfg)
-    for what, probe in needs.items():
-        try:
-            probe()
-        except (DataMissingError, FileNotFoundError) as e:
-            missing.append(f"{what} ({brief(e, 140)})")
-    from vitadapt.models import WEIGHTS, hub_reachable
-    src = WEIGHTS.get(cfg.weights)
-    if src is not None and src.kind == "hub" and not hub_reachable():
-        missing.append(f"weights {cfg.weights!r} (need the timm hub, not reachable from here)")
+    missing = device_problems(cfg) + unavailable(cfg, needs)
     return ("not available here: " + "; ".join(missing)) if missing else None
 
 
@@ -157,20 +146,21 @@ def device_problems(cfg: ExperimentConfig) -> list[str]:
     return out
 
 
-def unavailable(cfg: ExperimentConfig) -> list[str]:
+def unavailable(cfg: ExperimentConfig, needs: dict[str, Callable[[], object]] | None = None) -> list[str]:
     """What ``cfg`` reads that cannot be had here, one line each (empty: everything can): each of its data probes
-    (``cfg.needs()``, nothing downloaded; a torchgeo set that is not here passes when its server is reachable, since
-    a real run downloads it) and hub weights when the hub does not answer."""
-    from vitadapt.models import WEIGHTS, hub_reachable
+    (``needs``, default ``cfg.needs()``; nothing downloaded; a torchgeo set that is not here passes when its server
+    is reachable, since a real run downloads it) and hub weights neither in the local cache nor reachable."""
+    from vitadapt.models import WEIGHTS, hub_available
     missing = []
-    for what, probe in _data_needs(cfg).items():
+    for what, probe in (_data_needs(cfg) if needs is None else needs).items():
         try:
             probe()
         except (DataMissingError, FileNotFoundError) as e:
             missing.append(f"{what} ({brief(e, 140)})")
     src = WEIGHTS.get(cfg.weights)
-    if src is not None and src.kind == "hub" and not hub_reachable():
-        missing.append(f"weights {cfg.weights!r} (need the timm hub, not reachable from here)")
+    if src is not None and src.kind == "hub" and not hub_available(cfg.weights):
+        missing.append(f"weights {cfg.weights!r} (need the timm hub, not reachable from here, nor in the local "
+                       f"Hugging Face cache)")
     return missing
 
 

@@ -127,8 +127,8 @@ def decoder_path(mae_decoder: str):
     """The local official MAE checkpoint holding the decoder; DataMissingError naming it when it is not there."""
     path = resolve(mae_decoder)
     if not path.is_file():
-        raise DataMissingError(f"mae_decoder={mae_decoder!r} not found ({path}); download an official MAE "
-                               f"checkpoint with its decoder (facebookresearch/mae) or set mae_decoder=''")
+        raise DataMissingError(f"mae_decoder={mae_decoder!r} not found ({path}); get the official MAE "
+                               f"checkpoint with its decoder with `make data DATASET=mae_decoder`, or set mae_decoder=''")
     return path
 
 
