@@ -126,12 +126,15 @@ def test_p_profile_must_agree_with_profile(fake_repo, fake_papermill, capsys):
     assert runner.main(["--profile", "smoke", "-p", "profile", "smoke"]) == 0
 
 
-def test_no_notebook_takes_fabric_settings_as_parameters():
-    """The README's GPU section must not show `-p devices` & co: no notebook has them, so the runner refuses."""
+def test_every_training_notebook_takes_the_fabric_settings_as_parameters():
+    """`-p devices 2 -p strategy ddp` reaches every notebook that trains (README's GPU section), none other."""
+    fabric = {"devices", "num_nodes", "strategy", "accelerator", "precision"}
+    trains = {nb.stem for nb in runner.discover() if nb.stem[:2] in ("10", "11", "12", "20", "21", "30", "31")}
     for nb in runner.discover():
-        assert not {"devices", "num_nodes", "strategy", "accelerator", "precision"} & set(runner.notebook_parameters(nb))
+        has = fabric & set(runner.notebook_parameters(nb))
+        assert has == (fabric if nb.stem in trains else set()), nb.stem
     commands = [line for line in REPO.joinpath("README.md").read_text().splitlines() if "vitadapt.runner" in line]
-    assert commands and not [c for c in commands if any(f"-p {n} " in c for n in ("devices", "strategy", "num_nodes"))]
+    assert [c for c in commands if "-p devices " in c and "-p strategy " in c]
 
 
 # ---- 2. make reproduce FORCE= / REAL= -------------------------------------------------------------------------
