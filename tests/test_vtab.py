@@ -234,28 +234,26 @@ def test_vtab1k_reader_errors(tmp_path):
         get_dataset("vtab1k", root=str(tmp_path / "absent"), task="cifar")
 
 
-def test_fgvc_vpt_layout(tmp_path):
-    d = tmp_path / "CUB_200_2011"
-    for split, k in (("train", 6), ("val", 2), ("test", 4)):
+def _fgvc_set(d, images: str, sizes: dict, rel, label) -> None:
+    """A VPT-layout FGVC set in ``d``: ``{split}.json`` mapping ``rel(split, i)`` under ``d/images`` to ``label(i)``."""
+    for split, k in sizes.items():
         ann = {}
         for i in range(k):
-            rel = f"{100 + i % 3:03d}.bird/{split}_{i}.jpg"
-            _img(d / "images" / rel, i)
-            ann[rel] = 5 + 2 * (i % 3)                      # class ids need not start at 0
+            _img(d / images / rel(split, i), i)
+            ann[rel(split, i)] = label(i)
         (d / f"{split}.json").write_text(json.dumps(ann))
+
+
+def test_fgvc_vpt_layout(tmp_path):
+    _fgvc_set(tmp_path / "CUB_200_2011", "images", {"train": 6, "val": 2, "test": 4},
+              lambda split, i: f"{100 + i % 3:03d}.bird/{split}_{i}.jpg", lambda i: 5 + 2 * (i % 3))  # ids from 5
     s = get_dataset("fgvc", root=str(tmp_path), task="cub")
     assert s.counts() == {"train": 6, "val": 2, "test": 4} and s.classes == ["5", "7", "9"]
     assert sorted(set(s.train.targets)) == [0, 1, 2]
 
 
 def test_fgvc_task_keeps_vpts_own_splits_not_the_800_200_draw(tmp_path):
-    d = tmp_path / "Stanford-dogs"
-    for split, k in (("train", 12), ("val", 4), ("test", 5)):
-        ann = {}
-        for i in range(k):
-            rel = f"n0{i % 2}/{split}_{i}.jpg"
-            _img(d / "Images" / rel, i)
-            ann[rel] = i % 2
-        (d / f"{split}.json").write_text(json.dumps(ann))
+    _fgvc_set(tmp_path / "Stanford-dogs", "Images", {"train": 12, "val": 4, "test": 5},
+              lambda split, i: f"n0{i % 2}/{split}_{i}.jpg", lambda i: i % 2)
     t = vtab_task("fgvc:stanford_dogs", seed=1, fgvc_root=str(tmp_path), n_train=4, n_val=2, n_test=3)
     assert t.counts() == {"train": 12, "val": 4, "test": 5} and t.info["split"] == "VPT json"

@@ -82,11 +82,8 @@ def reachable(url: str, timeout: float = 10.0) -> str | None:
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5()
     with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "md5").hexdigest()
 
 
 def download_url(url: str, dest: Path, md5: str = "") -> Path:
