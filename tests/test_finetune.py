@@ -195,3 +195,17 @@ def test_evaluate_on_pil_needs_img_size(tiny_vit):
     t = materialize(s.test, 32)
     assert t.x.shape == (len(s.test), 3, 32, 32) and t.targets == list(s.test.targets)
     assert evaluate(m, t) == evaluate(m, s.test, img_size=32)
+
+
+def test_splits_too_large_to_decode_stay_on_disk_and_still_score(monkeypatch, tiny_vit):
+    """decoded() keeps a split that would not fit in MATERIALIZE_LIMIT_BYTES as PIL images (an fMoW test set would be
+    32 GB of fp32 tensors); evaluate reads it batch by batch and scores it as the decoded one."""
+    ds = SyntheticShapes(2, size=32, split="test")
+    splits = Splits("synthetic", ds, ds, ds, [str(i) for i in range(10)], "generated")
+    small = ft.decoded(splits, 32)
+    assert all(isinstance(getattr(small, p), TensorSet) for p in ("train", "val", "test"))
+    monkeypatch.setattr(ft, "MATERIALIZE_LIMIT_BYTES", 3 * 32 * 32 * 4 * (len(ds) - 1))
+    big = ft.decoded(splits, 32)
+    assert not any(isinstance(getattr(big, p), TensorSet) for p in ("train", "val", "test"))
+    vit = tiny_vit(num_classes=10)
+    assert evaluate(vit, big.test, 8, img_size=32) == evaluate(vit, small.test, 8)

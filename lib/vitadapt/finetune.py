@@ -469,11 +469,15 @@ def lora_classifier(model: nn.Module, num_classes: int, rank: int, targets, drop
 
 
 def decoded(splits, img_size: int, train: bool = True, val: bool = True):
-    """``splits`` with test (and train, val when asked) decoded once into tensors (:func:`materialize`)."""
+    """``splits`` with test (and train, val when asked) decoded once into tensors (:func:`materialize`) where they
+    fit in ``MATERIALIZE_LIMIT_BYTES``; a larger split stays on disk, decoded batch by batch when it is read."""
     import dataclasses
-    return dataclasses.replace(splits, train=materialize(splits.train, img_size) if train else splits.train,
-                               val=materialize(splits.val, img_size) if val else splits.val,
-                               test=materialize(splits.test, img_size), info=dict(splits.info))
+
+    def dec(ds, want: bool = True):
+        return materialize(ds, img_size) if want and _fits_in_memory(ds, img_size) else ds
+
+    return dataclasses.replace(splits, train=dec(splits.train, train), val=dec(splits.val, val),
+                               test=dec(splits.test), info=dict(splits.info))
 
 
 def select_then_test_in_job(make_model: Callable[..., nn.Module], splits, grid: Sequence[dict], *, what: dict,
