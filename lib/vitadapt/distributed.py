@@ -197,7 +197,7 @@ def describe(fabric, cfg) -> dict:
            "processes": "torchrun/SLURM" if external_world() > 1 else "forked per training run" if forks(fabric)
            else "this one", "accumulate_grad_batches": accumulate,
            "grad_checkpointing": bool(getattr(cfg, "grad_checkpointing", False))}
-    batches = {k: getattr(cfg, k) for k in ("pretrain_batch_size", "adapt_batch_size", "ft_batch_size", "batch_size")
-               if isinstance(getattr(cfg, k, None), int)}
+    batches = {k: getattr(cfg, k) for k in ("pretrain_batch_size", "adapt_batch_size", "ft_batch_size")
+               if isinstance(getattr(cfg, k, None), int)} or {"batch_size": cfg.batch_size}   # RLRR trains with it
     out["effective_batch"] = {k: v * fabric.world_size * accumulate for k, v in batches.items()}
     return out

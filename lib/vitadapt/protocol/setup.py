@@ -255,5 +255,9 @@ def start(notebook: str, config_cls: type[ExperimentConfig], profile: str, threa
         print("dry run:", dry or "no")
     if trains and not dry:
         from vitadapt.distributed import describe, fabric_for
-        run.compute = describe(fabric_for(cfg), cfg)
+        run.compute = c = describe(fabric_for(cfg), cfg)
+        if not quiet:
+            print(f"compute: world size {c['world_size']} ({c['processes']}), {c['device_type']}, {c['precision']}; "
+                  f"effective batch (per device x {c['world_size']} x accumulation {c['accumulate_grad_batches']}): "
+                  + ", ".join(f"{k} {v}" for k, v in c["effective_batch"].items()))
     return Setup(notebook, cfg, run, dry)
