@@ -61,8 +61,8 @@ def test_torchrun_runs_smoke_notebooks_as_two_ranks(root):
     """One runner per process under torchrun (strategy ddp): every notebook completes on both ranks, world size 2
     is recorded, rank 0's results are in outputs/smoke/<nb>, rank 1's apart, and both report the same accuracies."""
     nbs = ["10_explora_dinov2", "20_upstep", "30_rlrr"]
-    r = _run(root, [str(PY.parent / "torchrun"), "--nproc-per-node", "2", "-m", "vitadapt.runner", "--profile",
-                    "smoke", "--nb", "10,20,30", "--force", "--progress", "off", *DDP, "-p", "strategy", "ddp"])
+    r = _run(root, [str(PY.parent / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "vitadapt.runner",
+                    "--profile", "smoke", "--nb", "10,20,30", "--force", "--progress", "off", *DDP, "-p", "strategy", "ddp"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("3/3 notebooks ok") == 2, r.stdout
     for nb in nbs:
@@ -76,6 +76,25 @@ def test_torchrun_runs_smoke_notebooks_as_two_ranks(root):
     compute = _metrics(root / "outputs" / "smoke" / "10_explora_dinov2" / "metrics.json")["run"]["compute"]
     assert compute["effective_batch"]["pretrain_batch_size"] == 2 * \
         _metrics(root / "outputs" / "smoke" / "10_explora_dinov2" / "metrics.json")["run"]["config"]["pretrain_batch_size"]
+
+
+def test_slurm_tasks_run_a_notebook_as_two_ranks(root):
+    """Two runners started as SLURM would start them (srun --ntasks 2 on one node: SLURM_* variables, no torchrun):
+    rank 0 hosts the rendezvous, both complete with world size 2, rank 1 writes apart."""
+    slurm = dict(SLURM_NTASKS="2", SLURM_NODEID="0", SLURM_JOB_ID="4242", SLURM_NODELIST="localhost",
+                 SLURM_JOB_NAME="vitadapt", SLURM_NTASKS_PER_NODE="2")
+    cmd = [str(PY), "-m", "vitadapt.runner", "--profile", "smoke", "--nb", "30", "--force", "--progress", "off", *DDP,
+           "-p", "strategy", "ddp"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
+    env.update(VITADAPT_ROOT=str(root), VITADAPT_CACHE=str(root / "outputs" / "cache"), VITADAPT_OFFLINE="1", **slurm)
+    procs = [subprocess.Popen(cmd, cwd=root, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    rank0 = _metrics(root / "outputs" / "smoke" / "30_rlrr" / "metrics.json")
+    rank1 = _metrics(root / "outputs" / "smoke" / ".ranks" / "rank1" / "30_rlrr" / "metrics.json")
+    assert rank0["run"]["compute"]["world_size"] == rank1["run"]["compute"]["world_size"] == 2
+    assert _accuracies(rank0["metrics"]) == _accuracies(rank1["metrics"])
 
 
 def test_in_kernel_ddp_notebook_forks_each_training_run(root):

@@ -38,6 +38,11 @@ def launch_rank() -> int:
         raise ValueError(f"RANK/SLURM_PROCID={rank!r} is not valid; valid values: a non-negative integer") from None
 
 
+def launch_world() -> int:
+    """How many processes torchrun (``WORLD_SIZE``) or SLURM (``SLURM_NTASKS``) started for this run (1: neither)."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+
+
 def output_dir(profile: str, notebook: str, rank: int | None = None) -> Path:
     """``outputs/<profile>/<notebook>`` on rank 0. Other ranks of a multi-process launch write their copy under
     ``outputs/<profile>/.ranks/rank<r>/<notebook>`` so that they never overwrite rank 0's outputs. ``rank``:

@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from vitadapt.config import PROFILES, load_profile, load_yaml
-from vitadapt.paths import NOTEBOOKS, launch_rank, output_dir, shown
+from vitadapt.paths import NOTEBOOKS, launch_rank, launch_world, output_dir, shown
 from vitadapt.results import DRY_RUN_DIR, _alive, atomic_write_text, code_hash
 
 KERNEL = "vitadapt"
@@ -611,9 +611,9 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         say(f"{label} ... {status}" + (f" in {wall:.1f} s" if wall else "") + (f"\n      {err}" if err else ""))
         results.append((nb.stem, status, wall, err))
-        if status == "FAILED" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            say(f"stopping after {nb.stem} failed: the other ranks of this {os.environ['WORLD_SIZE']}-process launch "
-                f"cannot go on without this one (torchrun then stops them)")
+        if status == "FAILED" and launch_world() > 1:
+            say(f"stopping after {nb.stem} failed: the other ranks of this {launch_world()}-process launch cannot go "
+                f"on without this one (torchrun then stops them; under SLURM they fail after ddp_timeout_min)")
             break
     say(_summary(results, args.profile, time.perf_counter() - t_all))
     return 1 if any(s == "FAILED" for _, s, _, _ in results) else 0
