@@ -57,6 +57,16 @@ def _accuracies(blob) -> list:
     return out
 
 
+def _numbers(blob, key: str = "") -> list:
+    """Every number in a metrics blob but times, speeds and memory (which differ from rank to rank)."""
+    if isinstance(blob, dict):
+        return [x for k in sorted(blob) for x in _numbers(blob[k], str(k))]
+    if isinstance(blob, list):
+        return [x for v in blob for x in _numbers(v, key)]
+    timing = any(w in key.lower() for w in ("time", " s", "_s", "s/", "memory", "img/s", "step_s"))
+    return [] if timing or not isinstance(blob, float) or blob != blob else [(key, round(blob, 6))]
+
+
 def test_torchrun_runs_smoke_notebooks_as_two_ranks(root):
     """One runner per process under torchrun (strategy ddp): every notebook completes on both ranks, world size 2
     is recorded, rank 0's results are in outputs/smoke/<nb>, rank 1's apart, and both report the same accuracies."""
@@ -73,6 +83,7 @@ def test_torchrun_runs_smoke_notebooks_as_two_ranks(root):
             assert blob["run"]["compute"]["processes"] == "torchrun/SLURM"
         accs = _accuracies(rank0["metrics"])
         assert accs and accs == _accuracies(rank1["metrics"]), nb
+        assert _numbers(rank0["metrics"]) == _numbers(rank1["metrics"]), nb     # logged statistics too
     compute = _metrics(root / "outputs" / "smoke" / "10_explora_dinov2" / "metrics.json")["run"]["compute"]
     assert compute["effective_batch"]["pretrain_batch_size"] == 2 * \
         _metrics(root / "outputs" / "smoke" / "10_explora_dinov2" / "metrics.json")["run"]["config"]["pretrain_batch_size"]

@@ -401,6 +401,11 @@ def _fit(fabric, module: nn.Module, loss_fn, loader, *, steps: int, lr: float, w
 
         loss, logs, value = forward()
         logs = {k: (v.item() if torch.is_tensor(v) else v) for k, v in dict(logs).items()}
+        if fabric.world_size > 1:          # logged statistics are the means over the ranks' batches, like the loss
+            keys = [k for k, v in logs.items() if isinstance(v, float)]
+            if keys:
+                means = fabric.all_reduce(torch.tensor([logs[k] for k in keys], device=fabric.device), reduce_op="mean")
+                logs.update(zip(keys, means.tolist()))
         logs.update(step=step, loss=value, lr=opt.param_groups[0]["lr"])
         do_backward = True if should_backward is None else bool(should_backward(step, logs))
         if should_backward is not None and fabric.world_size > 1:
