@@ -174,6 +174,15 @@ def test_epochs_are_counted_once_across_ranks_and_accumulation():
     assert _steps(100, 10, None, 1.0) == 10
     assert _steps(100, 10, None, 1.0, fabric) == 2        # 100 // (10 x 2 ranks x 2 batches per step)
     assert _steps(100, 10, 7, None, fabric) == 7           # steps are optimizer steps, as given
+    from vitadapt.config import build_config
+    from vitadapt.experiments import rlrr
+    one, two = (rlrr.plan(build_config(rlrr.RLRRConfig, "smoke", "30_rlrr", devices=d, strategy="ddp_notebook"), 1)
+                for d in (1, 2))                           # the plan 30 prints counts the same way
+    cfg = build_config(rlrr.RLRRConfig, "smoke", "30_rlrr")
+    assert one["selection_steps_per_run"] == _steps(cfg.n_train, cfg.batch_size, None, cfg.epochs)
+    assert two["selection_steps_per_run"] == _steps(cfg.n_train, cfg.batch_size, None, cfg.epochs,
+                                                    SimpleNamespace(world_size=2, run_settings={}))
+    assert two["selection_steps_per_run"] < one["selection_steps_per_run"]
 
 
 def test_grad_checkpointing_is_switched_on_and_changes_no_number(tiny_vit):

@@ -234,11 +234,12 @@ def _run(cfg: RLRRConfig, setup, vit, log, arms: dict[str, tuple[str, dict]], ke
 
 
 def plan(cfg: RLRRConfig, n_runs_per_task: int, shared_grid: bool = False) -> dict:
-    """Training steps: ``n_runs_per_task`` runs per task, each searching the grid (``shared_grid``: one per task)."""
+    """Optimizer steps (of batch x devices x accumulation images): ``n_runs_per_task`` per task, each searching the grid."""
     if not cfg.n_train:
         return {"note": "n_train=0: the whole training split; steps depend on its size"}
     n_grid = len(cfg.lr_multipliers) * len(cfg.weight_decays) * (len(cfg.seeds) if cfg.select_each_seed else 1)
-    return select_then_test_steps(cfg.n_train, cfg.n_val, batch_size=cfg.batch_size, epochs=cfg.epochs,
+    per_step = cfg.batch_size * cfg.devices * cfg.num_nodes * cfg.accumulate_grad_batches
+    return select_then_test_steps(cfg.n_train, cfg.n_val, batch_size=per_step, epochs=cfg.epochs,
                                   grid_points=n_grid, seeds=len(cfg.seeds), runs=n_runs_per_task,
                                   searches=1 if shared_grid else None, tasks=len(cfg.tasks))
 
