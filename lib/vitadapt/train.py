@@ -385,12 +385,20 @@ def _fit(fabric, module: nn.Module, loss_fn, loader, *, steps: int, lr: float, w
             g["lr"] = cosine_lr(step, steps, lr, warmup, min_lr_ratio)
         cur_lr = opt.param_groups[0]["lr"]
 
-        def forward():
+        def forward(logged: bool = True):
+            """A batch's loss, its logs (``logged``) as floats and the loss value; with several ranks, one collective
+            makes the value and the logged statistics means over the ranks' batches, so every rank judges the same
+            loss (all stop together or none does) and logs the same numbers."""
             nonlocal ref_loss
             loss, logs = loss_fn(module, next(it))
+            logs = {k: (v.item() if torch.is_tensor(v) else v) for k, v in dict(logs).items()} if logged else {}
             value = loss.detach().float().mean()
-            if fabric.world_size > 1:          # every rank judges the same mean, so all stop together or none does
-                value = fabric.all_reduce(value, reduce_op="mean")
+            if fabric.world_size > 1:
+                keys = [k for k, v in logs.items() if isinstance(v, float)]
+                means = fabric.all_reduce(torch.cat([value.reshape(1), torch.tensor(
+                    [logs[k] for k in keys], dtype=value.dtype, device=value.device)]), reduce_op="mean")
+                value = means[0]
+                logs.update(zip(keys, means[1:].tolist()))
             if not _finite(value):
                 raise Diverged(f"non-finite loss ({float(value)})", step, cur_lr, lr)
             if ref_loss is None:
@@ -400,12 +408,6 @@ def _fit(fabric, module: nn.Module, loss_fn, loader, *, steps: int, lr: float, w
             return loss, logs, float(value)
 
         loss, logs, value = forward()
-        logs = {k: (v.item() if torch.is_tensor(v) else v) for k, v in dict(logs).items()}
-        if fabric.world_size > 1:          # logged statistics are the means over the ranks' batches, like the loss
-            keys = [k for k, v in logs.items() if isinstance(v, float)]
-            if keys:
-                means = fabric.all_reduce(torch.tensor([logs[k] for k in keys], device=fabric.device), reduce_op="mean")
-                logs.update(zip(keys, means.tolist()))
         logs.update(step=step, loss=value, lr=opt.param_groups[0]["lr"])
         do_backward = True if should_backward is None else bool(should_backward(step, logs))
         if should_backward is not None and fabric.world_size > 1:
@@ -416,7 +418,7 @@ def _fit(fabric, module: nn.Module, loss_fn, loader, *, steps: int, lr: float, w
             losses = [value]
             for micro in range(accumulate):
                 if micro:
-                    loss, _, value = forward()
+                    loss, _, value = forward(logged=False)
                     losses.append(value)
                 with fabric.no_backward_sync(module, enabled=fabric.world_size > 1 and micro < accumulate - 1):
                     fabric.backward(loss / accumulate if accumulate > 1 else loss)
