@@ -25,19 +25,18 @@ from typing import Any, Callable
 
 import torch
 
+from vitadapt.paths import launch_world
+
 IN_KERNEL = ("ddp_notebook", "ddp_fork")
 _FABRICS: dict[tuple, Any] = {}
 _CHILD = False          # True inside a process forked by in_processes
 
 
 def external_world() -> int:
-    """The number of processes torchrun or SLURM started for this run (1 when neither did)."""
+    """The number of processes torchrun or SLURM started for this run (:func:`vitadapt.paths.launch_world`, which the
+    runner reads too), when Lightning recognises the launcher (1 otherwise)."""
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-    if TorchElasticEnvironment.detect():
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    if SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
-        return int(os.environ["SLURM_NTASKS"])
-    return 1
+    return launch_world() if TorchElasticEnvironment.detect() or SLURMEnvironment.detect() else 1
 
 
 def _external_ddp(timeout: timedelta):
