@@ -198,12 +198,12 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 128, fabric=None, 
     was_training = model.training
     model.eval().to(dev)
     correct = 0
-    mine = range(fabric.global_rank, len(ds), fabric.world_size) if _shared(fabric) else range(len(ds))
+    r, w = (fabric.global_rank, fabric.world_size) if _shared(fabric) else (0, 1)     # this rank's share: r, r+w, ...
     if isinstance(ds, TensorSet):      # slices, not a DataLoader stacking one item at a time
-        xs, ys = (ds.x, ds._y) if len(mine) == len(ds) else (ds.x[list(mine)], ds._y[list(mine)])
+        xs, ys = ds.x[r::w], ds._y[r::w]
         batches = ((xs[i:i + batch_size], ys[i:i + batch_size]) for i in range(0, len(ys), batch_size))
     else:
-        batches = DataLoader(Subset(ds, mine), batch_size=batch_size, shuffle=False)
+        batches = DataLoader(Subset(ds, range(r, len(ds), w)), batch_size=batch_size, shuffle=False)
     for x, y in batches:
         with fabric.autocast() if fabric is not None else contextlib.nullcontext():
             logits = model(x.to(dev, non_blocking=True))

@@ -138,7 +138,7 @@ def _data_needs(cfg: ExperimentConfig) -> dict[str, Callable[[], object]]:
 def device_problems(cfg: ExperimentConfig) -> list[str]:
     """What of ``cfg.device_needs()`` (e.g. a CUDA device) this machine lacks, one line each ("no CUDA device ...")."""
     out = []
-    for _, probe in cfg.device_needs().items():
+    for probe in cfg.device_needs().values():
         try:
             probe()
         except DeviceMissingError as e:
