@@ -99,3 +99,41 @@ def test_two_process_cpu_ddp_ends_with_identical_parameters(tmp_path):
     init = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
                              embed_dim=48, num_heads=2, num_classes=10).state_dict()
     assert not torch.equal(init["head.weight"], r0["params"]["head.weight"])
+
+
+def test_fit_recipe_hooks_scale_groups_schedule_wd_and_log_on_step():
+    """param_groups' lr_scale/wd_scale, lr_schedule, wd_schedule, before_step and on_step's logged dict all reach the
+    optimizer and the history (the official recipes' layer-wise decay, weight-decay schedule and frozen layers)."""
+    import torch
+    from torch import nn
+
+    from vitadapt.train import fit, make_fabric, optimizer_groups
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    seen = []
+
+    def groups(m):
+        return [{"params": list(m[0].parameters()), "lr_scale": 0.5, "wd_scale": 1.0},
+                {"params": list(m[1].parameters()), "lr_scale": 1.0, "wd_scale": 0.0}]
+
+    def before(step, m):                        # freeze the last layer for the first 2 steps
+        if step < 2:                            # m is Fabric's wrapper: reach the layers through the model
+            for p in model[1].parameters():
+                p.grad = None
+
+    def on_step(step, m):
+        seen.append(step)
+        return {"tracked": float(step) * 10}
+
+    loader = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(4)]
+    w1 = model[1].weight.detach().clone()
+    loss_fn = lambda m, b: (nn.functional.cross_entropy(m(b[0]), b[1]), {})
+    res = fit(make_fabric(), model, loss_fn, loader, steps=2, lr=0.1, weight_decay=0.04, param_groups=groups,
+              lr_schedule=lambda s: 1.0 if s == 0 else 0.5, wd_schedule=lambda s: 0.04 + 0.1 * s,
+              before_step=before, on_step=on_step)
+    assert torch.equal(model[1].weight, w1)                   # no gradient reached it inside the window
+    assert [h["lr"] for h in res.history] == [0.1, 0.05]
+    assert [round(h["wd"], 6) for h in res.history] == [0.04, 0.14]
+    assert [h["tracked"] for h in res.history] == [0.0, 10.0] and seen == [0, 1]
+    with pytest.raises(ValueError, match="exactly one group"):
+        optimizer_groups(model, lambda m: [{"params": list(m[0].parameters())}])

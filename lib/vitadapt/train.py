@@ -274,7 +274,9 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
         ckpt_every: int = 0, ckpt_every_s: float | None = None, config: dict | None = None, on_step: Callable[[int, nn.Module], None] | None = None,
         should_backward: Callable[[int, dict], bool] | None = None, log_every: int = 1,
         stop_after: int | None = None, progress: bool = False, accumulate: int | None = None,
-        grad_checkpointing: bool | None = None) -> FitResult:
+        grad_checkpointing: bool | None = None, param_groups: Callable[[nn.Module], list[dict]] | None = None,
+        lr_schedule: Callable[[int], float] | None = None, wd_schedule: Callable[[int], float] | None = None,
+        before_step: Callable[[int, nn.Module], None] | None = None) -> FitResult:
     """Train the parameters of ``module`` that require grad for ``steps`` iterations with AdamW and a
     warm-up + cosine schedule.
 
@@ -288,6 +290,20 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
     ``grad_clip``) or trained parameter raises :class:`Diverged`, naming the
     job (:func:`job`), the step and the learning rate.
     Skipped iterations (``should_backward`` false) still run the forward pass and count as steps.
+
+    Recipes (the official ones differ from the default in these places):
+
+    - ``param_groups(module)``: the optimizer's groups, each ``{"params": [...], "lr_scale": x, "wd_scale": y}``
+      (layer-wise LR decay, no decay on norms and biases); the default is one group of tensors with >= 2 dims
+      (``wd_scale`` 1) and one of the rest (``wd_scale`` 0), both ``lr_scale`` 1. Every trainable parameter must be
+      in exactly one group.
+    - ``lr_schedule(step)``: the peak-relative learning rate of each step (a group's lr is ``lr x lr_schedule(step)
+      x lr_scale``); default linear warm-up then cosine to ``min_lr_ratio`` (:func:`cosine_lr`).
+    - ``wd_schedule(step)``: the weight decay of each step (a group's is this x ``wd_scale``); default constant
+      ``weight_decay``.
+    - ``before_step(step, module)``: runs after the backward pass and before clipping and the optimizer step of
+      every step that back-propagates (drop the gradients of a frozen layer, clip per module).
+    - ``on_step`` may return a dict of values logged with the step (e.g. a test accuracy tracked every epoch).
 
     ``accumulate`` batches make one optimizer step (a step is an optimizer step; the gate decides on the first
     batch's loss and a skipped step skips its other batches); ``grad_checkpointing`` turns timm's activation
@@ -309,7 +325,8 @@ def fit(fabric, module: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[tor
     kw = dict(steps=steps, lr=lr, weight_decay=weight_decay, warmup=warmup, betas=betas, grad_clip=grad_clip,
               min_lr_ratio=min_lr_ratio, ckpt_path=ckpt_path, ckpt_every=ckpt_every, ckpt_every_s=ckpt_every_s,
               config=config, on_step=on_step, should_backward=should_backward, log_every=log_every,
-              stop_after=stop_after, progress=progress, accumulate=accumulate)
+              stop_after=stop_after, progress=progress, accumulate=accumulate, param_groups=param_groups,
+              lr_schedule=lr_schedule, wd_schedule=wd_schedule, before_step=before_step)
     if distributed.forks(fabric):
         return _fit_forked(fabric, module, loss_fn, loader, kw)
     return _fit(fabric, module, loss_fn, loader, **kw)
@@ -334,16 +351,17 @@ def _fit_forked(fabric, module, loss_fn, loader, kw: dict) -> FitResult:
 
 def _fit(fabric, module: nn.Module, loss_fn, loader, *, steps: int, lr: float, weight_decay: float, warmup: int,
          betas, grad_clip, min_lr_ratio: float, ckpt_path, ckpt_every: int, ckpt_every_s, config, on_step,
-         should_backward, log_every: int, stop_after, progress: bool, accumulate: int) -> FitResult:
+         should_backward, log_every: int, stop_after, progress: bool, accumulate: int, param_groups=None,
+         lr_schedule=None, wd_schedule=None, before_step=None) -> FitResult:
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
-    params = trainable_parameters(module)
-    if not params:
-        raise ValueError("no parameter of the module requires grad: nothing to train")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
+    groups = optimizer_groups(module, param_groups)
+    opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": weight_decay * g["wd_scale"]} for g in groups],
+                            lr=lr, betas=tuple(betas))
+    for g, spec in zip(opt.param_groups, groups):
+        g["lr_scale"], g["wd_scale"] = spec["lr_scale"], spec["wd_scale"]
+    lr_at = (lambda s: lr * lr_schedule(s)) if lr_schedule is not None else \
+        (lambda s: cosine_lr(s, steps, lr, warmup, min_lr_ratio))
     module, opt = fabric.setup(module, opt)
     loader = fabric.setup_dataloaders(loader) if isinstance(loader, torch.utils.data.DataLoader) else loader
     result = FitResult(0, 0, 0, 0.0)
@@ -381,9 +399,12 @@ def _fit(fabric, module: nn.Module, loss_fn, loader, *, steps: int, lr: float, w
             if ckpt_path is not None:
                 save_checkpoint(fabric, ckpt_path, module, opt, step, config, result, it, should_backward)
             break
+        base_now = lr_at(step)
+        wd_now = weight_decay if wd_schedule is None else wd_schedule(step)
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, warmup, min_lr_ratio)
-        cur_lr = opt.param_groups[0]["lr"]
+            g["lr"] = base_now * g["lr_scale"]
+            g["weight_decay"] = wd_now * g["wd_scale"]
+        cur_lr = base_now
 
         def forward(logged: bool = True):
             """A batch's loss, its logs (``logged``) as floats and the loss value; with several ranks, one collective
@@ -408,7 +429,7 @@ def _fit(fabric, module: nn.Module, loss_fn, loader, *, steps: int, lr: float, w
             return loss, logs, float(value)
 
         loss, logs, value = forward()
-        logs.update(step=step, loss=value, lr=opt.param_groups[0]["lr"])
+        logs.update(step=step, loss=value, lr=base_now, **({"wd": wd_now} if wd_schedule is not None else {}))
         do_backward = True if should_backward is None else bool(should_backward(step, logs))
         if should_backward is not None and fabric.world_size > 1:
             do_backward = bool(fabric.broadcast(do_backward, src=0))   # every rank must agree, or DDP hangs
@@ -423,6 +444,8 @@ def _fit(fabric, module: nn.Module, loss_fn, loader, *, steps: int, lr: float, w
                 with fabric.no_backward_sync(module, enabled=fabric.world_size > 1 and micro < accumulate - 1):
                     fabric.backward(loss / accumulate if accumulate > 1 else loss)
             logs["loss"] = sum(losses) / len(losses)
+            if before_step is not None:
+                before_step(step, module)
             if grad_clip:
                 norm = fabric.clip_gradients(module, opt, max_norm=grad_clip, error_if_nonfinite=False)
                 if norm is not None and not _finite(torch.as_tensor(norm)):
@@ -434,7 +457,7 @@ def _fit(fabric, module: nn.Module, loss_fn, loader, *, steps: int, lr: float, w
             for _ in range(accumulate - 1):
                 next(it)
         if on_step is not None:
-            on_step(step, module)
+            logs.update(on_step(step, module) or {})
         if step % log_every == 0 or step == steps - 1:
             result.history.append(logs)
         if bar is not None:
@@ -462,6 +485,27 @@ def _fit(fabric, module: nn.Module, loss_fn, loader, *, steps: int, lr: float, w
     result.wall_time_s = time.perf_counter() - t0
     result.peak_memory_mb = _peak_memory_mb(fabric.device)
     return result
+
+
+def optimizer_groups(module: nn.Module, param_groups: Callable[[nn.Module], list[dict]] | None = None) -> list[dict]:
+    """The optimizer's parameter groups of ``module``'s trainable parameters, each ``{"params", "lr_scale",
+    "wd_scale"}``: ``param_groups(module)`` (checked: every trainable parameter in exactly one group, nothing
+    frozen), or by default tensors of >= 2 dims with weight decay and the rest without."""
+    params = trainable_parameters(module)
+    if not params:
+        raise ValueError("no parameter of the module requires grad: nothing to train")
+    if param_groups is None:
+        groups = [{"params": [p for p in params if p.ndim >= 2], "lr_scale": 1.0, "wd_scale": 1.0},
+                  {"params": [p for p in params if p.ndim < 2], "lr_scale": 1.0, "wd_scale": 0.0}]
+        return [g for g in groups if g["params"]]
+    groups = [{"lr_scale": 1.0, "wd_scale": 1.0, **g, "params": list(g["params"])} for g in param_groups(module)]
+    seen = [id(p) for g in groups for p in g["params"]]
+    want = {id(p) for p in params}
+    if len(seen) != len(set(seen)) or set(seen) != want:
+        raise ValueError(f"param_groups: every trainable parameter must be in exactly one group (groups hold "
+                         f"{len(seen)} entries, {len(set(seen))} distinct; the module trains {len(want)}, "
+                         f"{len(want - set(seen))} of them in no group, {len(set(seen) - want)} frozen ones given)")
+    return [g for g in groups if g["params"]]
 
 
 def save_checkpoint(fabric, path, module, opt, step: int, config: dict, result: FitResult, batches=None,
