@@ -224,3 +224,41 @@ CHOICES["ExPLoRA"] = [
     ("evaluation", "DinoV2 linear-probe harness selects on test", "C and k chosen on validation, test scored once",
      "feature, probe_Cs, knn_ks"),
 ]
+
+
+# ---- official recipes, value by value ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RecipeValue:
+    """One value of an official recipe: ``what`` it is, the config ``field`` (or fields, comma-separated; '' when no
+    field holds it) whose value this run uses, the ``official`` value, its ``source`` (repository and file), and
+    ``departs``: '' where the paper profile follows the official value, else why it does not (a named choice)."""
+    part: str
+    what: str
+    field: str
+    official: str
+    source: str
+    departs: str = ""
+
+
+#: {paper: [RecipeValue]} — the paper profile follows each official value unless ``departs`` says why not
+RECIPES: dict[str, list[RecipeValue]] = {"ExPLoRA": [], "RLRR": []}
+
+
+def recipe_table(paper: str, cfg=None, parts=None) -> pd.DataFrame:
+    """``RECIPES[paper]`` as a table (part, value, official, source, departs on purpose), restricted to ``parts``;
+    with ``cfg``, an "ours (this run)" column with the config fields each value names and their values in this run."""
+    if paper not in RECIPES:
+        raise ValueError(f"paper={paper!r} has no recipe; valid: {', '.join(RECIPES)}")
+    known = list(dict.fromkeys(r.part for r in RECIPES[paper]))
+    if parts is not None and (bad := [p for p in parts if p not in known]):
+        raise ValueError(f"parts {bad} are not in {paper}'s recipe; valid: {', '.join(known)}")
+    rows = [r for r in RECIPES[paper] if parts is None or r.part in parts]
+    out = pd.DataFrame([{"part": r.part, "value": r.what, "official": r.official, "source": r.source,
+                         "departs on purpose (why)": r.departs or "-"} for r in rows])
+    if cfg is not None and len(out):
+        def ours(r):
+            names = [n.strip() for n in r.field.split(",") if n.strip()]
+            return ", ".join(f"{n}={getattr(cfg, n)!r}" for n in names if hasattr(cfg, n)) or "-"
+        out.insert(2, "ours (this run)", [ours(r) for r in rows])
+    return out.set_index(["part", "value"]) if len(out) else out
