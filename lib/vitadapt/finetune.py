@@ -46,7 +46,8 @@ from vitadapt.train import Diverged, fit, job, make_fabric, seed_everything
 from vitadapt.vit import TailViT, fresh_head, set_drop_path
 
 __all__ = ["TensorSet", "materialize", "train_transform", "finetune_classifier", "select_then_test", "evaluate",
-           "embed_tokens", "run_blocks", "pooled_features", "concat", "train_then_test", "lora_classifier", "decoded"]
+           "embed_tokens", "run_blocks", "pooled_features", "concat", "train_then_test", "lora_classifier", "decoded",
+           "best_epoch"]
 
 MATERIALIZE_LIMIT_BYTES = 2 * 2**30
 
@@ -240,7 +241,8 @@ def finetune_classifier(model: nn.Module, train_ds: Dataset, eval_sets: dict[str
                         epochs: float | None = None, batch_size: int = 32, warmup: float = 0.1,
                         label_smoothing: float = 0.1, augment: bool = False, fabric=None, seed: int = 0,
                         grad_clip: float | None = None, eval_batch_size: int = 128, keep_model: bool = False,
-                        progress: bool = False) -> dict:
+                        progress: bool = False, track: dict[str, Dataset] | None = None,
+                        track_every: int | None = None) -> dict:
     """Fine-tune the trainable parameters of ``model`` on ``train_ds`` and score every set in ``eval_sets``.
 
     ``model`` must end in a classification head with ``num_classes`` outputs (``create_backbone(...,
@@ -256,9 +258,14 @@ def finetune_classifier(model: nn.Module, train_ds: Dataset, eval_sets: dict[str
     crop + horizontal flip on images (not for tokens/features; also wrong for tasks whose label is a position
     or orientation). ``seed`` fixes the batch order and augmentation (the caller seeds the initialisation).
 
+    ``track`` = {name: dataset}: sets also scored during training, every ``track_every`` optimizer steps (default: one
+    epoch) and at the last step, as the official recipes do to report their best test epoch
+    (:func:`best_epoch`); where a tracked set is also in ``eval_sets``, its final score is the last tracked one (the
+    same model, not scored twice).
+
     Returns ``{"acc": {name: accuracy}, "wall_time_s": training time, "eval_time_s", "steps", "history": fit's
-    per-step logs (loss, lr, acc), "trainable": parameter count, "lr", "weight_decay"}`` (+ ``"model"`` when
-    ``keep_model``).
+    per-step logs (loss, lr, acc), "trainable": parameter count, "lr", "weight_decay", "tracked": {name: [(step,
+    accuracy), ...]}}`` (+ ``"model"`` when ``keep_model``).
     """
     out_dim = _head_out(model)
     if out_dim is None:
@@ -291,22 +298,60 @@ def finetune_classifier(model: nn.Module, train_ds: Dataset, eval_sets: dict[str
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         return loss, {"acc": (logits.argmax(1) == y).float().mean()}
 
+    every = track_every or max(1, len(loader) // (fabric.world_size * int(getattr(fabric, "run_settings", {})
+                                                                         .get("accumulate", 1))))
+    if every < 1:
+        raise ValueError(f"track_every={track_every} must be >= 1")
+
+    def tracked(step, _module):          # the raw model: scored on every rank's share, summed (evaluate)
+        if not track or ((step + 1) % every and step + 1 != n_steps):
+            return None
+        return {f"track_{name}": evaluate(model, ds, eval_batch_size, fabric, img_size) for name, ds in track.items()}
+
     res = fit(fabric, model, loss_fn, loader, steps=n_steps, lr=lr, weight_decay=weight_decay,
-              warmup=_warmup_steps(warmup, n_steps), grad_clip=grad_clip, progress=progress)
+              warmup=_warmup_steps(warmup, n_steps), grad_clip=grad_clip, progress=progress,
+              on_step=tracked if track else None)
+    curves = {name: [(int(h["step"]) + 1, float(h[f"track_{name}"])) for h in res.history if f"track_{name}" in h]
+              for name in (track or {})}
     t0 = time.perf_counter()
-    acc = {name: evaluate(model, ds, eval_batch_size, fabric, img_size) for name, ds in eval_sets.items()}
+    acc = {name: curves[name][-1][1] if curves.get(name) and curves[name][-1][0] == n_steps else
+           evaluate(model, ds, eval_batch_size, fabric, img_size) for name, ds in eval_sets.items()}
     out = {"acc": acc, "wall_time_s": res.wall_time_s, "eval_time_s": time.perf_counter() - t0, "steps": n_steps,
-           "history": res.history, "trainable": count_trainable(model), "lr": lr, "weight_decay": weight_decay}
+           "history": res.history, "trainable": count_trainable(model), "lr": lr, "weight_decay": weight_decay,
+           "tracked": curves}
     if keep_model:
         out["model"] = model
     return out
+
+
+def best_epoch(curve: Sequence[tuple[int, float]], steps_per_epoch: int | None = None) -> dict:
+    """The official recipes' reported number: the best accuracy over the points of a tracked ``curve`` [(step,
+    accuracy)] (ties: the first), with where it was reached (``best_step``; ``best_epoch`` counted from 1 when
+    ``steps_per_epoch`` is given) and the number of points it was chosen among."""
+    if not curve:
+        raise ValueError("curve is empty: nothing was tracked (track= was not given, or training ran no step)")
+    i = int(np.nanargmax([a for _, a in curve])) if not all(np.isnan(a) for _, a in curve) else len(curve) - 1
+    step, acc = curve[i]
+    return {"best_acc": float(acc), "best_step": int(step), "points": len(curve),
+            **({"best_epoch": max(1, round(step / steps_per_epoch))} if steps_per_epoch else {})}
+
+
+def _with_best(row: dict, r: dict, name: str = "test") -> dict:
+    """``row`` plus the best tracked accuracy of ``name`` in the fine-tune result ``r`` (when it was tracked):
+    ``test_acc_best_epoch``, ``best_step`` and the points it was chosen among."""
+    curve = r.get("tracked", {}).get(name)
+    if not curve:
+        return row
+    b = best_epoch(curve)
+    return {**row, f"{name}_acc_best_epoch": b["best_acc"], "best_step": b["best_step"], "tracked_points": b["points"]}
 
 
 def select_then_test(make_model: Callable[..., nn.Module], splits, grid: Sequence[dict], *, num_classes: int | None = None,
                      img_size: int, steps: int | None = None, epochs: float | None = None, batch_size: int = 32,
                      warmup: float = 0.1, label_smoothing: float = 0.1, augment: bool = False, fabric=None,
                      seeds: Sequence[int] = (0,), select_each_seed: bool = False, retrain_steps: str = "scaled",
-                     validate_single: bool = True, grad_clip: float | None = None, progress: bool = False) -> dict:
+                     validate_single: bool = True, grad_clip: float | None = None, progress: bool = False,
+                     track_test: bool = False) -> dict:
     """Choose (lr, weight decay) on validation, retrain on train + val, test once.
 
     ``make_model(**extra)`` returns a fresh model with a ``num_classes`` head; it is called after
@@ -322,7 +367,10 @@ def select_then_test(make_model: Callable[..., nn.Module], splits, grid: Sequenc
        With ``steps`` the retrain runs ``steps * len(train + val) / len(train)`` steps (``retrain_steps=
        "scaled"``: the same number of epochs) or ``steps`` (``"same"``); with ``epochs``, the same epochs.
     ``select_each_seed=True`` repeats step 1-2 for every seed (its own selection). ``validate_single=False``
-    skips step 1 when the grid has a single point (nothing to choose; its val accuracy is then NaN). A seed whose
+    skips step 1 when the grid has a single point (nothing to choose; its val accuracy is then NaN). ``track_test``:
+    the retrains also score ``test`` after every epoch, and each test row adds the best of those
+    (``test_acc_best_epoch``, the official recipes' number: chosen on test) beside ``test_acc`` (the last epoch,
+    chosen on nothing). A seed whose
     retraining diverged has ``test_acc`` NaN and a ``diverged`` note; the other seeds stand.
 
     Returns ``{"grid": [rows: seed, lr, weight_decay, ..., val_acc, wall_time_s], "selected": {seed: point},
@@ -398,13 +446,14 @@ def select_then_test(make_model: Callable[..., nn.Module], splits, grid: Sequenc
             with job(seed=s, lr=point["lr"], weight_decay=point["weight_decay"], phase="retrain on train+val"):
                 r = finetune_classifier(build(s, point), trainval, {"test": test}, lr=point["lr"],
                                         weight_decay=point["weight_decay"], steps=re_steps,
-                                        epochs=epochs if steps is None else None, seed=s, **common)
+                                        epochs=epochs if steps is None else None, seed=s,
+                                        track={"test": test} if track_test else None, **common)
         except Diverged as e:                        # this seed's result is lost; the others stand
             test_rows.append({"seed": s, **point, "test_acc": float("nan"), "wall_time_s": 0.0, "steps": e.step,
                               "trainable": count_trainable(build(s, point)), "diverged": e.short})
             continue
-        test_rows.append({"seed": s, **point, "test_acc": r["acc"]["test"], "wall_time_s": r["wall_time_s"],
-                          "steps": r["steps"], "trainable": r["trainable"]})
+        test_rows.append(_with_best({"seed": s, **point, "test_acc": r["acc"]["test"], "wall_time_s": r["wall_time_s"],
+                                     "steps": r["steps"], "trainable": r["trainable"]}, r))
     first = selected[seeds[0]]
     val_first = next(g["val_acc"] for g in grid_rows if g["seed"] == seeds[0] and
                      all(g[k] == v for k, v in first.items()))   # NaN when validation was skipped
@@ -434,22 +483,25 @@ def select_then_test_steps(n_train: int, n_val: int, *, batch_size: int, epochs:
 
 
 def train_then_test(make_model: Callable[..., nn.Module], splits, grid: Sequence[dict], *, seed: int,
-                    num_classes: int, **kw) -> dict:
+                    num_classes: int, track_test: bool = False, **kw) -> dict:
     """One seed of the fine-tune protocol: a single (lr, weight decay) point has nothing to select, so it trains on
     ``train`` and is scored once on ``test`` (val is never read); several go through :func:`select_then_test`.
+    ``track_test``: test is also scored after every epoch and the best of those is returned beside the last
+    (``test_acc_best_epoch``: the official recipes' number, chosen on test).
     Returns ``{test_acc, val_acc (None for one point), point, chosen: "fixed" | "on val", trainable, wall_time_s,
-    steps}``."""
+    steps}`` (+ ``test_acc_best_epoch``, ``best_step``, ``tracked_points`` with ``track_test``)."""
     from vitadapt.train import seed_everything
     if len(grid) == 1:
         seed_everything(seed)
         r = finetune_classifier(make_model(), splits.train, {"test": splits.test}, num_classes=num_classes,
-                                seed=seed, **grid[0], **kw)
-        return {"test_acc": r["acc"]["test"], "val_acc": None, "point": dict(grid[0]), "chosen": "fixed",
-                "trainable": r["trainable"], "wall_time_s": r["wall_time_s"], "steps": r["steps"]}
-    r = select_then_test(make_model, splits, grid, num_classes=num_classes, seeds=(seed,), **kw)
-    return {"test_acc": r["test"][0]["test_acc"], "val_acc": r["val_acc"], "point": r["selected"][seed],
-            "chosen": "on val", "trainable": r["trainable"], "wall_time_s": r["wall_time_s"],
-            "steps": r["test"][0]["steps"]}
+                                seed=seed, track={"test": splits.test} if track_test else None, **grid[0], **kw)
+        return _with_best({"test_acc": r["acc"]["test"], "val_acc": None, "point": dict(grid[0]), "chosen": "fixed",
+                           "trainable": r["trainable"], "wall_time_s": r["wall_time_s"], "steps": r["steps"]}, r)
+    r = select_then_test(make_model, splits, grid, num_classes=num_classes, seeds=(seed,), track_test=track_test, **kw)
+    t = r["test"][0]
+    return {"test_acc": t["test_acc"], "val_acc": r["val_acc"], "point": r["selected"][seed],
+            "chosen": "on val", "trainable": r["trainable"], "wall_time_s": r["wall_time_s"], "steps": t["steps"],
+            **{k: t[k] for k in ("test_acc_best_epoch", "best_step", "tracked_points") if k in t}}
 
 
 def lora_classifier(model: nn.Module, num_classes: int, rank: int, targets, drop_path: float = 0.0,
@@ -510,5 +562,6 @@ def seed_rows(r: dict, select_each_seed: bool = False, **const) -> list[dict]:
         out.append({"seed": t["seed"], "test_acc": t["test_acc"], "val_acc": val, "lr": point["lr"],
                     "weight_decay": point["weight_decay"], "trainable": t["trainable"],
                     "train_time_s": t["wall_time_s"], "select_time_s": grid_time, **const,
+                    **{k: t[k] for k in ("test_acc_best_epoch", "best_step", "tracked_points") if k in t},
                     **({"diverged": t["diverged"]} if t.get("diverged") else {})})
     return out

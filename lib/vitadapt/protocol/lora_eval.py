@@ -17,7 +17,7 @@ from torch import nn
 from vitadapt.config import opt
 from vitadapt.data import Splits
 from vitadapt.peft.explora import parse_targets
-from vitadapt.protocol import probe
+from vitadapt.protocol import probe, selection
 
 
 @dataclass
@@ -59,8 +59,11 @@ def lora_finetune(cfg, model: nn.Module, splits: Splits, seed: int, fabric=None,
                                                     cfg.ft_drop_path, head), data, points, seed=seed, num_classes=n_cls,
                         img_size=cfg.img_size, batch_size=cfg.ft_batch_size, warmup=cfg.ft_warmup, fabric=fabric,
                         label_smoothing=cfg.ft_label_smoothing, augment=cfg.ft_augment,
+                        track_test=selection.official(cfg),
                         **({"epochs": cfg.ft_epochs} if cfg.ft_epochs else {"steps": cfg.ft_steps}))
     return {"seed": seed, "eval": f"LoRA-r{cfg.ft_rank} fine-tune", "test_acc": r["test_acc"], "val_acc": r["val_acc"],
             "selected": f"lr={r['point']['lr']:g}, wd={r['point']['weight_decay']:g} ({r['chosen']})"
                         + (f"; head from probe C={head[2]:g}" if head is not None else ""),
-            "ft_trainable": r["trainable"], "ft_wall_time_s": r["wall_time_s"], "ft_steps": r["steps"]}
+            "ft_trainable": r["trainable"], "ft_wall_time_s": r["wall_time_s"], "ft_steps": r["steps"],
+            **({"test_acc_best_epoch": r["test_acc_best_epoch"], "best_step": r["best_step"]}
+               if "test_acc_best_epoch" in r else {})}

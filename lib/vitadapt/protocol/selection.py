@@ -1,0 +1,114 @@
+"""Two selection protocols, side by side: ours (``clean``) and the authors' (``official``).
+
+- ``clean``: every choice (probe C, kNN k, fine-tune grid point) is made on validation; test is scored once, on the
+  last epoch of a fine-tune.
+- ``official``: the authors' public code chooses on test: ExPLoRA's linear probe keeps the best of 28 classifiers on
+  the test set (:mod:`vitadapt.protocol.official_probe`), its kNN the best k on test, and the fine-tunes of ExPLoRA
+  and RLRR report their best test epoch (:func:`vitadapt.finetune.best_epoch`).
+- ``both``: both, from the same runs where they share one (a fine-tune trains once; its test curve gives the
+  official number and its last point the clean one), and :func:`compare` shows each pair and its difference: the
+  optimism of test-set selection, which no public implementation reports.
+
+An official evaluation's rows carry the eval name of its clean twin plus :data:`OFFICIAL` (``"kNN (official)"``);
+:func:`family` maps either back to the shared name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from vitadapt.config import opt
+
+PROTOCOLS = ("clean", "official", "both")
+OFFICIAL = " (official)"
+
+
+@dataclass
+class ProtocolSettings:
+    """The selection protocol, as a config field (a mixin of an experiment's config)."""
+
+    protocol: Literal["clean", "official", "both"] = opt("clean", "Selection protocol: clean (choices on validation, test scored once, last epoch), official (the authors' code: best of the official probe's classifiers on test, best k on test, best test epoch of a fine-tune), or both side by side with their difference.")
+
+
+def clean(cfg) -> bool:
+    """Whether the clean protocol's numbers are wanted (``protocol`` clean or both; configs without the field: yes)."""
+    return getattr(cfg, "protocol", "clean") in ("clean", "both")
+
+
+def official(cfg) -> bool:
+    """Whether the official protocol's numbers are wanted (``protocol`` official or both)."""
+    return getattr(cfg, "protocol", "clean") in ("official", "both")
+
+
+def official_name(name: str) -> str:
+    """The eval name of the official twin of the clean evaluation ``name``."""
+    return name + OFFICIAL
+
+
+def family(name: str) -> str:
+    """The shared name of an evaluation, clean or official (``"kNN (official)"`` -> ``"kNN"``)."""
+    return name[: -len(OFFICIAL)] if name.endswith(OFFICIAL) else name
+
+
+def fine_tune_rows(cfg, row: dict, best: float | None, best_note: str = "") -> list[dict]:
+    """The rows of one fine-tune under ``cfg.protocol``: ``row`` (its ``test_acc`` the last epoch's) when clean is
+    wanted, and its official twin (``test_acc`` = ``best``, the best test epoch; ``selected`` says where) when
+    official is."""
+    out = [row] if clean(cfg) else []
+    if official(cfg):
+        if best is None:
+            raise ValueError("protocol official/both needs the fine-tune's test tracked every epoch (track_test=True)")
+        out.append({**row, "eval": official_name(row["eval"]), "test_acc": best, "val_acc": None,
+                    "selected": f"best test epoch{(': ' + best_note) if best_note else ''}; {row.get('selected', '')}"})
+    return out
+
+
+def _pairs(df: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame | None:
+    """(``by``, family, seed) x {clean, official} values of the evaluations that have both; None when none has."""
+    if df is None or not len(df) or "eval" not in df:
+        return None
+    d = df.assign(family=df["eval"].map(family), kind=np.where(df["eval"].str.endswith(OFFICIAL), "official", "clean"))
+    wide = d.pivot_table(index=[*by, "family", "seed"], columns="kind", values=value, aggfunc="first", dropna=False)
+    if not {"clean", "official"} <= set(wide.columns):
+        return None
+    wide = wide.dropna(subset=["clean", "official"])
+    return wide if len(wide) else None
+
+
+def compare(df: pd.DataFrame, by: str | list[str], value: str = "test_acc", scale: float = 100.0) -> pd.DataFrame:
+    """Clean beside official for every (``by``, evaluation) that has both, mean ± std over seeds (points), and their
+    paired difference official - clean per seed (mean ± std): how much choosing on test inflates the number. Rows
+    whose value is NaN (diverged) drop out of their pair. Empty when no evaluation has both."""
+    by = [by] if isinstance(by, str) else list(by)
+    wide = _pairs(df, by, value)
+    if wide is None:
+        return pd.DataFrame()
+    wide = wide * scale
+    wide["official - clean"] = wide["official"] - wide["clean"]
+    g = wide.groupby(level=[*by, "family"], sort=False)
+    fmt = lambda m, s, n: f"{m:.1f} ± {s:.1f}" if n > 1 else f"{m:.1f}"  # noqa: E731
+    out = pd.DataFrame({col: [fmt(m, s, n) for m, s, n in zip(g[col].mean(), g[col].std().fillna(0), g[col].count())]
+                        for col in ("clean", "official", "official - clean")}, index=g.size().index)
+    out["seeds"] = g.size().values
+    out.index = out.index.rename([*by, "evaluation"])
+    return out
+
+
+def gap_summary(df: pd.DataFrame, by: str | list[str], value: str = "test_acc") -> dict:
+    """metrics.json content for :func:`compare`: {"<by values> | <evaluation>": {clean, official, difference} means
+    (fractions, like every accuracy in metrics.json), n}."""
+    by = [by] if isinstance(by, str) else list(by)
+    wide = _pairs(df, by, value)
+    if wide is None:
+        return {}
+    out = {}
+    for key, grp in wide.groupby(level=[*by, "family"], sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        out[" | ".join(map(str, key))] = {"clean": float(grp["clean"].mean()), "official": float(grp["official"].mean()),
+                                          "difference": float((grp["official"] - grp["clean"]).mean()),
+                                          "n": int(len(grp))}
+    return out
