@@ -90,3 +90,14 @@ def test_compare_pairs_clean_and_official_per_seed_and_shows_the_difference():
     lost = df.copy()
     lost.loc[(lost.variant == "frozen") & (lost.seed == 1), "test_acc"] = np.nan     # a diverged seed drops out
     assert selection.compare(lost, "variant").loc[("frozen", "kNN"), "seeds"] == 1
+
+
+def test_figure_draws_clean_beside_official_only_where_both_exist():
+    import matplotlib
+    matplotlib.use("Agg")
+    df = pd.DataFrame([{"variant": v, "seed": s, "eval": e, "test_acc": 0.5 + 0.1 * s}
+                       for v in ("frozen", "explora") for s in (0, 1)
+                       for e in ("kNN", "kNN (official)", "linear probe", "LoRA-r8 fine-tune")])
+    fig = selection.figure(df, "variant")
+    assert [a.get_title() for a in fig.axes if a.get_title()] == ["kNN"]
+    assert selection.figure(df[df["eval"] == "kNN"], "variant") is None

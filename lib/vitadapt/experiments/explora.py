@@ -41,7 +41,7 @@ from vitadapt.jobs import checkpoint_every_s, diverged_row
 from vitadapt.paths import resolve
 from vitadapt.peft.common import count_total, count_trainable
 from vitadapt.peft.explora import apply_explora, parse_targets, parse_unfreeze, targets_label, unfreeze_label
-from vitadapt.protocol import counts, grid, lora_eval, probe, report, setup, tables
+from vitadapt.protocol import counts, grid, lora_eval, probe, report, selection, setup, tables
 from vitadapt.protocol.counts import explora_recipe as paper_counts  # noqa: F401  (the notebooks' name)
 from vitadapt.ssl import continued
 from vitadapt.vit import meta_vit
@@ -60,7 +60,8 @@ LOSSES = ("loss", "dino", "ibot", "koleo", "mse")
 # ---- configuration ------------------------------------------------------------------------------------------------
 
 @dataclass
-class ExploraConfig(ExperimentConfig, continued.PretrainSettings, lora_eval.LoraFinetuneSettings):
+class ExploraConfig(ExperimentConfig, continued.PretrainSettings, lora_eval.LoraFinetuneSettings,
+                    selection.ProtocolSettings):
     """ExPLoRA's extended pre-training and its comparisons (notebooks 10, 11) and ablations (notebook 12)."""
 
     variants: tuple = opt(tuple(VARIANTS), "Variants compared (10, 11): frozen, explora, lora_only, block_only, full.",

@@ -37,7 +37,7 @@ from vitadapt.finetune import (cached_prefix, seed_rows, select_then_test_in_job
 from vitadapt.jobs import mean_std_text
 from vitadapt.peft.baselines import BASELINES, build
 from vitadapt.peft.rlrr import INITS, SIDES
-from vitadapt.protocol import counts, figures, report, tables
+from vitadapt.protocol import counts, figures, report, selection, tables
 from vitadapt.protocol.grid import run_jobs
 from vitadapt.protocol.setup import backbone, check_dataset, check_forward, weights_or_random
 from vitadapt.train import fabric_from_config
@@ -53,7 +53,7 @@ SHARED = "official (shared grid)"       #: the variant name of 31's grid search,
 
 
 @dataclass
-class RLRRConfig(ExperimentConfig):
+class RLRRConfig(ExperimentConfig, selection.ProtocolSettings):
     tasks: tuple = opt(tuple(t for g in DEFAULT_GROUPS.values() for t in g), "Tasks (registered datasets, 'vtab1k:<task>' or 'fgvc:<task>'), each a VTAB-1k-style task.")
     groups: dict = opt(DEFAULT_GROUPS, "VTAB group -> its tasks; every task must be in one group (YAML only).", yaml_only=True)
     methods: tuple = opt(("linear", "full", "lora", "ssf", "rlrr", "ia3"),

@@ -112,3 +112,20 @@ def gap_summary(df: pd.DataFrame, by: str | list[str], value: str = "test_acc") 
                                           "difference": float((grp["official"] - grp["clean"]).mean()),
                                           "n": int(len(grp))}
     return out
+
+
+def figure(df: pd.DataFrame, by: str, title: str = "", chance=None):
+    """Clean and official side by side (one panel per evaluation that has both; error bars: std over seeds), or None
+    when no evaluation has both."""
+    from vitadapt.protocol.figures import bars
+    if _pairs(df, [by], "test_acc") is None:
+        return None
+    d = df.assign(evaluation=df["eval"].map(family),
+                  protocol=np.where(df["eval"].str.endswith(OFFICIAL), "official (chosen on test)",
+                                    "clean (chosen on val)"))
+    both = d.groupby("evaluation")["protocol"].nunique()
+    d = d[d["evaluation"].isin(both[both == 2].index)]
+    fig = bars(d, by, panels="evaluation", hue="protocol", hue_order=["clean (chosen on val)",
+                                                                     "official (chosen on test)"],
+               chance=chance, title=title)
+    return fig
