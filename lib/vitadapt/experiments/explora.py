@@ -205,15 +205,14 @@ def pretrain_variant(cfg: ExploraConfig, variant: str, seed: int, base: tuple[nn
     n_bb = count_trainable(student)
     objective, loss_fn, on_step = build_objective(cfg, student, seed, decoder_state)
     n_obj = count_trainable(objective) - n_bb          # heads, mask token, decoder (before merging frees everything)
-    # the initialisations above draw differently per variant: reseed, so every variant of a seed sees the same
-    # images with the same crops, in order
+    # reseed (the initialisations above draw differently per variant): every variant sees the same images and crops
     seed_everything(seed)
     loader = continued.loader(cfg, pretrain_pool(cfg, seed), cfg.img_size, seed, cfg.num_workers, cfg.pin_memory,
                               cfg.persistent_workers)
     level = reset_peak_memory(fabric.device)
     res = fit(fabric, objective, loss_fn, loader, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, on_step=on_step,
               progress=progress, ckpt_path=ckpt, ckpt_every_s=checkpoint_every_s() if ckpt else None,
-              config={"variant": label, "seed": seed}, **continued.optim(cfg))
+              config={"variant": label, "seed": seed}, **continued.fit_hooks(cfg, objective))
     kept = continued.kept_backbone(objective, cfg)
     rec.update(trainable_backbone=n_bb, trainable_fraction=n_bb / total, trainable_objective=n_obj,
                **res.cost(cfg.pretrain_batch_size, level), **res.final(LOSSES[:1], LOSSES[1:]))
@@ -228,14 +227,32 @@ def evaluate_variant(cfg: ExploraConfig, model: nn.Module, info: dict, seed: int
     from vitadapt.distributed import on_rank0
     from vitadapt.train import Diverged, job
     splits = splits or setup.labelled(cfg, seed)
-    rows = on_rank0(fabric, lambda: probe.frozen_eval(cfg, model, info, splits, seed))
+    rows = on_rank0(fabric, lambda: probe.frozen_eval(cfg, model, info, splits, seed)) if selection.clean(cfg) else []
+    if selection.official(cfg):
+        from vitadapt.protocol.official_probe import official_rows
+        rows += on_rank0(fabric, lambda: official_rows(cfg, model, info, splits, seed))
     if cfg.finetune if finetune is None else finetune:
         try:
             with job(eval="fine-tune"):
-                rows.append(lora_eval.lora_finetune(cfg, model, splits, seed, fabric, ft_splits, info))
+                r = lora_eval.lora_finetune(cfg, model, splits, seed, fabric, ft_splits, info)
+            best, step = r.pop("test_acc_best_epoch", None), r.pop("best_step", None)
+            rows += selection.fine_tune_rows(cfg, r, best, f"step {step} of {r['ft_steps']}" if step else "")
         except Diverged as e:
-            rows.append(diverged_row(seed, f"LoRA-r{cfg.ft_rank} fine-tune", e))
+            rows += [diverged_row(seed, ev, e) for ev in eval_names(cfg, frozen=False)]
     return rows
+
+
+def eval_names(cfg: ExploraConfig, frozen: bool = True) -> list[str]:
+    """The evaluations of a variant under ``cfg.protocol``: the frozen-feature ones (``frozen``), then the fine-tune's."""
+    ft, out = f"LoRA-r{cfg.ft_rank} fine-tune", []
+    if frozen and selection.clean(cfg):
+        out += ["linear probe", "kNN"]
+    if frozen and selection.official(cfg):
+        from vitadapt.protocol.official_probe import OFFICIAL_KNN, OFFICIAL_LP, OFFICIAL_LP_VAL
+        out += [OFFICIAL_LP, OFFICIAL_LP_VAL, OFFICIAL_KNN]
+    if cfg.finetune:
+        out += ([ft] if selection.clean(cfg) else []) + ([selection.official_name(ft)] if selection.official(cfg) else [])
+    return out
 
 
 # ---- whole experiments: jobs (label, variant, config overrides) x seeds through the job store ----------------
@@ -278,8 +295,7 @@ def _run_grid(cfg: ExploraConfig, jobs: list[tuple[str, str, dict]], run=None, p
             try:
                 pre = pretrain_variant(vcfg, variant, seed, base, fabric, data["dec"], progress, label, ckpt=ckpt)
             except Diverged as e:
-                evs = ["linear probe", "kNN"] + ([f"LoRA-r{vcfg.ft_rank} fine-tune"] if cfg.finetune else [])
-                return {"evals": tag([diverged_row(seed, ev, e) for ev in evs]),
+                return {"evals": tag([diverged_row(seed, ev, e) for ev in eval_names(vcfg)]),
                         "log": f"seed {seed} | {label:<22} | {e}",
                         "runs": {"variant": label, "seed": seed, "objective": vcfg.objective, "diverged": e.short}}
             t1 = time.perf_counter()
