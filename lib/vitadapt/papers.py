@@ -262,3 +262,75 @@ def recipe_table(paper: str, cfg=None, parts=None) -> pd.DataFrame:
             return ", ".join(f"{n}={getattr(cfg, n)!r}" for n in names if hasattr(cfg, n)) or "-"
         out.insert(2, "ours (this run)", [ours(r) for r in rows])
     return out.set_index(["part", "value"]) if len(out) else out
+
+
+# ---- ExPLoRA: the official linear-probe harness and kNN (protocol/official_probe.py) -------------------------------
+_LP, _KNN = "linear probe (official harness)", "kNN (official)"
+_LIN, _KNNPY = "samar-khanna/ExPLoRA: linprobe/linear.py", "samar-khanna/ExPLoRA: linprobe/knn.py"
+_TF = "samar-khanna/ExPLoRA: linprobe/util/data_transforms.py"
+_FP16 = ("samar-khanna/ExPLoRA: linprobe/eval_setup.py (get_autocast_dtype), "
+         "linprobe/configs/ssl_default_config.yaml (compute_precision.teacher.backbone.mixed_precision)")
+_PREC = "the backbone runs in the config's precision (fp32 on the CPU; bf16/fp16 autocast where a profile sets it)"
+RECIPES["ExPLoRA"] += [RecipeValue(part, *row) for part, row in [
+    (_LP, ("classifiers", "official_lp_blocks, official_lp_lrs",
+           "28 linear classifiers trained at once on one frozen forward: CLS tokens of the last 1 or 4 blocks "
+           "(concatenated) x with / without the mean patch token of the last block x 7 learning rates",
+           f"{_LIN} (run_eval_linear: n_last_blocks_list = [1, 4]; setup_linear_classifiers)")),
+    (_LP, ("learning rates", "official_lp_lrs", "1e-4, 1e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1 (DINOv2's own list: 13 "
+           "values from 1e-5)", f"{_LIN} (get_args_parser defaults)")),
+    (_LP, ("LR scaling", "official_lp_batch_size", "lr x batch x GPUs / 256; one GPU at batch 256: unchanged",
+           f"{_LIN} (scale_lr); samar-khanna/ExPLoRA: scripts/linprobe.sh (--gres=gpu:1, --batch-size=256)",
+           "one device; the batch is capped at the training-set size (small profiles), the LR scaled by that batch")),
+    (_LP, ("optimiser and loss", "", "SGD, momentum 0.9, weight decay 0, one param group per classifier; the loss "
+           "is the sum of the classifiers' cross-entropies", f"{_LIN} (run_eval_linear, eval_linear)")),
+    (_LP, ("schedule", "official_lp_iterations", "CosineAnnealingLR to 0 over all iterations, stepped every "
+           "iteration, no warm-up", f"{_LIN} (run_eval_linear)")),
+    (_LP, ("iterations and batch", "official_lp_iterations, official_lp_epochs, official_lp_batch_size",
+           "--epochs 10 x --epoch-length 1500 = 15,000 iterations of 256 images (3.84M images); a sharded infinite "
+           "shuffled sampler (seed 0), drop_last", "samar-khanna/ExPLoRA: scripts/linprobe.sh; " + _LIN,
+           "official_lp_iterations: 0 (the default) trains official_lp_epochs passes over our training split, "
+           "reshuffled each pass (the small profiles); a profile follows the official 15,000 by setting "
+           "official_lp_iterations: 15000")),
+    (_LP, ("classifier init", "", "weight N(0, 0.01), bias 0", f"{_LIN} (LinearClassifier)")),
+    (_LP, ("features", "official_lp_blocks", "get_intermediate_layers(n, return_class_token=True, norm=True): every "
+           "block output through the final norm; CLS tokens of the last n blocks, then the mean of the last block's "
+           "patch tokens (registers excluded); cast to fp32 for the classifiers",
+           "samar-khanna/ExPLoRA: linprobe/eval_helpers.py (ModelWithIntermediateLayers), "
+           "linprobe/vision_transformer.py (get_intermediate_layers); " + f"{_LIN} (create_linear_input)")),
+    (_LP, ("backbone precision", "precision", "fp16 autocast, inference mode; classifiers in fp32", _FP16, _PREC)),
+    (_LP, ("training augmentation", "official_lp_augment, img_size", "RandomResizedCrop(224) (scale 0.08-1, "
+           "bicubic), horizontal flip 0.5, ImageNet mean / std; the backbone recomputes every batch",
+           f"{_TF} (make_classification_train_transform, get_transform)")),
+    (_LP, ("evaluation transform", "official_lp_eval_crop, img_size", "Resize(256) of the shorter side (bicubic), "
+           "CenterCrop(224), ImageNet mean / std", f"{_TF} (make_classification_eval_transform)")),
+    (_LP, ("scoring", "", "every classifier after the last iteration (also every 1,500 iterations, only logged); "
+           "top-1 accuracy over images (MetricType.MEAN_ACCURACY = torchmetrics average='micro')",
+           f"{_LIN} (eval_linear); samar-khanna/ExPLoRA: linprobe/eval_metrics.py",
+           "scored once, after the last iteration")),
+    (_LP, ("selection", "", "--val-dataset is the test csv (test_62classes.csv): the best of the 28 on it is the "
+           "reported number (strict >: the first maximum)",
+           f"samar-khanna/ExPLoRA: scripts/linprobe.sh; {_LIN} (evaluate_linear_classifiers)",
+           "both reported: 'linear probe (official)' is the best of the 28 on test, as the official code does; "
+           "'linear probe (official harness, chosen on val)' is the classifier best on our val split, scored on test")),
+    (_KNN, ("features", "feature", "the model's output: the CLS token after the final norm (head = Identity), "
+            "L2-normalised", f"{_KNNPY} (eval_knn); samar-khanna/ExPLoRA: linprobe/eval_helpers.py "
+            "(ModelWithNormalize), linprobe/vision_transformer.py (forward)",
+            "")),
+    (_KNN, ("k", "official_knn_ks", "10, 20, 100, 200", f"{_KNNPY} (get_args_parser: nb_knn); "
+            "samar-khanna/ExPLoRA: scripts/knn.sh")),
+    (_KNN, ("temperature", "official_knn_temperature", "0.07", f"{_KNNPY} (get_args_parser)")),
+    (_KNN, ("vote", "", "softmax of the largest max(k) similarities / T, summed over the first k neighbours' "
+            "one-hot labels, argmax", f"{_KNNPY} (KnnModule.forward)",
+            "exp(similarity / T) over the first k (vitadapt.eval.knn_predict): the same argmax, the softmax only "
+            "rescales a query's weights")),
+    (_KNN, ("training set", "", "the whole training split (n_per_class_list [-1], n_tries 1)",
+            f"{_KNNPY} (get_args_parser)")),
+    (_KNN, ("transform", "img_size", "the evaluation transform (Resize(256), CenterCrop(224)) for train and test",
+            f"{_KNNPY} (eval_knn_with_model); {_TF}",
+            "the cached frozen features: resize to img_size, no centre crop (vitadapt.eval.eval_transform)")),
+    (_KNN, ("backbone precision", "precision", "fp16 autocast", _FP16, _PREC)),
+    (_KNN, ("selection", "", "every k scored on --val-dataset = the test csv, all logged; which k the paper "
+            "reports: not public (read here as the best on test)", f"samar-khanna/ExPLoRA: scripts/knn.sh; {_KNNPY}",
+            "both reported: 'kNN (official)' is the best k on test; 'kNN (official settings, chosen on val)' the k "
+            "best on our val split, scored on test")),
+]]
