@@ -12,6 +12,8 @@ what an experiment config holds anyway (image size, workers).
 
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -41,6 +43,15 @@ class PretrainSettings:
     pretrain_beta2: float = opt(0.0, "AdamW beta2; 0 = the objective's (DinoV2 0.999, MAE 0.95).", min=0.0, max=0.99999)
     pretrain_warmup: int = opt(1, "Linear warm-up steps, then cosine decay to 0.", min=0)
     grad_clip: float = opt(3.0, "Gradient-norm clipping (DinoV2: 3.0); 0 = none.", min=0.0)
+    # DINOv2's optimisation recipe (vitadapt.ssl.recipe); the defaults keep the plain loop
+    pretrain_min_lr: float = opt(0.0, "Learning rate at the end of the cosine (DINOv2: 1e-6); with layer_decay < 1 the schedule is DINOv2's (warm-up from 0).", min=0.0, max=10.0)
+    pretrain_weight_decay_end: float = opt(0.0, "Weight decay at the last step, cosine from pretrain_weight_decay (DINOv2: 0.04 -> 0.4); 0 or equal = constant.", min=0.0, max=1.0)
+    layer_decay: float = opt(1.0, "DinoV2: layer-wise LR decay, block i gets layer_decay ** (L - i) (DINOv2: 0.9); 1 = none; below 1 (or with patch_embed_lr_mult) DINOv2's groups: no weight decay on biases, norms, LayerScale.", min=0.01, max=1.0)
+    patch_embed_lr_mult: float = opt(1.0, "DinoV2: LR multiplier of the patch embedding on top of layer_decay (DINOv2: 0.2).", min=0.0, max=10.0)
+    freeze_last_layer_steps: int = opt(0, "DinoV2: optimizer steps during which the heads' prototype (last) layer does not move (DINOv2: freeze_last_layer_epochs).", min=0)
+    mask_token: Literal["trainable", "frozen"] = opt("trainable", "DinoV2: the iBOT mask token trains (new, zeros) or stays frozen (ExPLoRA: the checkpoint's, frozen; loaded when weights is a local .pth holding mask_token, else zeros).")
+    pretrain_drop_path: float = opt(0.0, "DinoV2: student drop-path rate during the extended pre-training (DINOv2 default 0.3); the teacher runs without.", min=0.0, max=0.9)
+    grad_clip_mode: Literal["global", "per_module"] = opt("global", "DinoV2: one norm over every trainable parameter, or each student part (backbone, DINO head, iBOT head) clipped to grad_clip on its own (DINOv2).")
     # DinoV2 objective
     n_prototypes: int = opt(65536, "Prototypes of the DINO/iBOT head (paper 65,536).", min=2, max=1_000_000)
     head_hidden_dim: int = opt(2048, "Hidden width of the DINO/iBOT head MLP (paper 2048).", min=1)
@@ -75,8 +86,11 @@ def starting_point(s: PretrainSettings, weights_used: str, arch: str) -> str:
     for MAE-pretrained ExPLoRA."""
     used = str(weights_used)
     if s.objective == "dinov2":
+        src = mask_token_source(getattr(s, "weights", ""))
+        tok = (f"the checkpoint's mask token ({src})" if src is not None else
+               "a new mask token (zeros: the weights carry none, timm drops DINOv2's)")
         return (f"DinoV2 continued pre-training from {used} ({arch}); DINO/iBOT heads freshly initialised "
-                f"(DinoV2 checkpoints have none, as in the paper)")
+                f"(DinoV2 checkpoints have none, as in the paper); {tok}, {s.mask_token}")
     kind = "a DinoV2 encoder" if "dinov2" in used or used == "auto" else "an encoder"   # auto: DinoV2 ViT-S/14
     enc = (f"the MAE encoder {used}" if used.startswith("mae_") else
            "a randomly initialised encoder (a smoke test of the code path, not of the method)" if used == "random" else
@@ -123,6 +137,63 @@ def optim(s: PretrainSettings) -> dict:
                 betas=(0.9, s.pretrain_beta2 or (0.999 if s.objective == "dinov2" else 0.95)))
 
 
+def fit_hooks(s: PretrainSettings, objective: nn.Module, steps: int | None = None) -> dict:
+    """Everything :func:`vitadapt.train.fit` takes besides the data for this objective: :func:`optim`, the
+    weight-decay schedule and minimum LR and, for DinoV2, DINOv2's recipe (:mod:`vitadapt.ssl.recipe`): layer-wise LR
+    groups, the prototype layer frozen for ``freeze_last_layer_steps``, per-module clipping. A non-finite per-module
+    gradient norm raises :class:`vitadapt.train.Diverged`."""
+    from vitadapt.ssl import recipe
+    from vitadapt.train import Diverged
+    steps = steps or s.pretrain_steps
+    kw = optim(s)
+    if s.pretrain_weight_decay_end and s.pretrain_weight_decay_end != s.pretrain_weight_decay:
+        kw["wd_schedule"] = lambda step: recipe.cosine_value(step, steps, s.pretrain_weight_decay,
+                                                             s.pretrain_weight_decay_end)
+    ratio = s.pretrain_min_lr / s.pretrain_lr if s.pretrain_lr else 0.0
+    if s.objective != "dinov2":
+        return {**kw, "min_lr_ratio": ratio}
+    if s.layer_decay != 1.0 or s.patch_embed_lr_mult != 1.0:
+        kw["param_groups"] = recipe.dinov2_param_groups(objective, s.layer_decay, s.patch_embed_lr_mult)
+        kw["lr_schedule"] = recipe.dinov2_lr(steps, min(s.pretrain_warmup, steps), ratio)
+    else:
+        kw["min_lr_ratio"] = ratio
+    per_module = s.grad_clip_mode == "per_module" and s.grad_clip > 0
+    if per_module and getattr(s, "precision", "") == "16-mixed":
+        raise ValueError("grad_clip_mode='per_module' clips the gradients as they are, and 16-mixed scales them; valid: "
+                         "precision 32-true, bf16-mixed or bf16-true, or grad_clip_mode='global'")
+    if per_module:
+        kw["grad_clip"] = None
+    if not per_module and not s.freeze_last_layer_steps:
+        return kw
+    lr_at = kw.get("lr_schedule") or (lambda step: 1.0)
+
+    def before_step(step: int, _module) -> None:
+        recipe.drop_last_layer_grads(objective, step, s.freeze_last_layer_steps)
+        if per_module:
+            norms = recipe.clip_per_module(recipe.student_parts(objective), s.grad_clip)
+            if not all(map(math.isfinite, norms)):
+                raise Diverged(f"non-finite gradient norm per module ({norms})", step, s.pretrain_lr * lr_at(step),
+                               s.pretrain_lr)
+    return {**kw, "before_step": before_step}
+
+
+def mask_token_source(weights: str) -> str | None:
+    """The local checkpoint ``weights`` names when it is a file holding DINOv2's ``mask_token`` (the official
+    DINOv2 .pth has one; timm's conversion drops it), else None."""
+    return str(resolve(weights)) if _mask_token(str(weights)) is not None else None
+
+
+@functools.lru_cache(maxsize=2)
+def _mask_token(weights: str) -> torch.Tensor | None:
+    path = resolve(weights) if weights else None
+    if path is None or path.suffix not in (".pth", ".pt") or not path.is_file():
+        return None
+    sd = torch.load(path, map_location="cpu", weights_only=False)
+    sd = sd.get("model", sd) if isinstance(sd, dict) else {}
+    tok = sd.get("mask_token") if isinstance(sd, dict) else None
+    return tok.detach().float().flatten() if torch.is_tensor(tok) else None
+
+
 def decoder_path(mae_decoder: str):
     """The local official MAE checkpoint holding the decoder; DataMissingError naming it when it is not there."""
     path = resolve(mae_decoder)
@@ -139,11 +210,16 @@ def build_objective(s: PretrainSettings, student: nn.Module, seed: int, steps: i
     ``decoder_state`` (decoder weights in the objective's names) wins over ``mae_decoder``; a warmed-up decoder
     trains in full, a checkpoint decoder gets LoRA of rank ``decoder_lora_rank``."""
     if s.objective == "dinov2":
-        from vitadapt.ssl.dinov2 import DinoV2Objective, dinov2_loss_fn
+        from vitadapt.ssl.dinov2 import DinoV2Objective, dinov2_loss_fn, find_vit
+        from vitadapt.vit import set_drop_path
+        on_meta = any(p.is_meta for p in student.parameters())
+        if s.pretrain_drop_path:     # the teacher copies the modules, but runs in eval mode: no drop-path
+            set_drop_path(find_vit(student), s.pretrain_drop_path)
         obj = DinoV2Objective(student, total_steps=steps or s.pretrain_steps, n_prototypes=s.n_prototypes,
                               hidden_dim=s.head_hidden_dim, bottleneck_dim=s.head_bottleneck_dim,
                               momentum=s.teacher_momentum, teacher_temp_warmup_steps=s.teacher_temp_warmup_steps,
-                              centering=s.centering, seed=seed)
+                              centering=s.centering, seed=seed, train_mask_token=s.mask_token == "trainable",
+                              mask_token_init=None if on_meta else _mask_token(str(getattr(s, "weights", ""))))
         return (obj, *dinov2_loss_fn(obj))
     from vitadapt.ssl.mae import MAEObjective, mae_decoder_state_dict, mae_loss_fn
     ckpt = None
@@ -199,4 +275,8 @@ def kept_backbone(objective: nn.Module, s: PretrainSettings) -> nn.Module:
         objective.teacher if s.eval_weights == "teacher" else objective.student
     if getattr(kept, "explora_config", None) is not None or has_lora(kept):
         merge_explora(kept)
+    if s.objective == "dinov2" and s.pretrain_drop_path:
+        from vitadapt.ssl.dinov2 import find_vit
+        from vitadapt.vit import set_drop_path
+        set_drop_path(find_vit(kept), 0.0)      # the source model's (none): a fine-tune sets its own
     return kept.requires_grad_(True).cpu().eval()

@@ -12,7 +12,8 @@ The rule (DINOv2, arXiv 2304.07193, as used by ExPLoRA, arXiv 2406.10973):
 - iBOT loss on masked patch tokens: half of the global crops (mask probability 0.5) have a fraction of their
   patches, drawn uniformly in [0.1, 0.5], replaced by a learnable mask token at the input of the student;
   the student's output at those positions predicts the teacher's output on the unmasked crop;
-- KoLeo regulariser (weight 0.1) on the student's CLS tokens of each global crop;
+- KoLeo regulariser (weight 0.1) on the student's CLS tokens of each global crop, SUMMED over the two global
+  crops (``ssl_meta_arch.py``: ``koleo_loss_weight * sum(koleo(p) for p in cls.chunk(2))``);
 - heads: 3-layer MLP (hidden 2048), bottleneck 256, weight-normalised prototype layer with ``n_prototypes``
   outputs (65,536 in the paper); DINO and iBOT share one head unless ``separate_ibot_head=True``
   (DINOv2 default ``separate_head: false``);
@@ -26,10 +27,12 @@ position embedding on the fly). Create the backbone with
 
 Trainable parameters: this module never changes ``requires_grad`` of the student backbone: whatever the
 caller left trainable (ExPLoRA: LoRA on Q,V + the unfrozen block + norms) trains, plus the new heads and the
-mask token. All teacher parameters are frozen.
+mask token (``train_mask_token=False``: frozen, as ExPLoRA keeps the checkpoint's; ``mask_token_init``: its
+value, zeros by default). All teacher parameters are frozen.
 
-Known omission: DINOv2 freezes the prototype layer during the first epoch (``freeze_last_layer_epochs``);
-``vitadapt.train.fit`` has no hook between backward and the optimizer step, so it is not done here.
+DINOv2's optimisation recipe (layer-wise LR decay, weight-decay schedule, the prototype layer frozen for the first
+``freeze_last_layer_epochs``, per-module gradient clipping) lives in :mod:`vitadapt.ssl.recipe`, as hooks of
+:func:`vitadapt.train.fit`.
 """
 
 from __future__ import annotations
@@ -251,8 +254,10 @@ class DinoV2Objective(nn.Module):
             ``IBOTPatchLoss``) or ``"sinkhorn"`` (Sinkhorn-Knopp, 3 iterations).
         mask_probability, mask_ratio: iBOT masking (0.5; (0.1, 0.5)); ``mask_mode`` ``"block"`` (DINOv2) or
             ``"random"``.
-        dino_weight, ibot_weight, koleo_weight: 1.0, 1.0, 0.1.
+        dino_weight, ibot_weight, koleo_weight: 1.0, 1.0, 0.1 (KoLeo summed over the two global crops).
         seed: seeds the mask draws.
+        mask_token_init, train_mask_token: the mask token's value (``[D]`` or ``[1, D]``; default zeros) and
+            whether it trains (ExPLoRA: the checkpoint's, frozen).
     """
 
     def __init__(self, student: nn.Module, *, total_steps: int, n_prototypes: int = 65536,
@@ -262,7 +267,8 @@ class DinoV2Objective(nn.Module):
                  centering: Literal["centering", "sinkhorn"] = "centering", center_momentum: float = 0.9,
                  sinkhorn_iterations: int = 3, mask_probability: float = 0.5,
                  mask_ratio: tuple[float, float] = (0.1, 0.5), mask_mode: Literal["block", "random"] = "block",
-                 dino_weight: float = 1.0, ibot_weight: float = 1.0, koleo_weight: float = 0.1, seed: int = 0):
+                 dino_weight: float = 1.0, ibot_weight: float = 1.0, koleo_weight: float = 0.1, seed: int = 0,
+                 mask_token_init: Tensor | None = None, train_mask_token: bool = True):
         super().__init__()
         from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
         if centering == "sinkhorn_knopp":
@@ -290,6 +296,8 @@ class DinoV2Objective(nn.Module):
         if vit.cls_token is None:
             raise ValueError("the ViT has no CLS token (class_token=False); DINO needs one")
         dim = vit.embed_dim
+        if mask_token_init is not None and mask_token_init.numel() != dim:
+            raise ValueError(f"mask_token_init has {mask_token_init.numel()} values; the ViT's embed_dim is {dim}")
 
         self.student = student
         self.teacher = copy.deepcopy(student)          # same (LoRA) structure, same weights
@@ -304,8 +312,9 @@ class DinoV2Objective(nn.Module):
         for m in self._teacher_modules():
             for p in m.parameters():
                 p.requires_grad_(False)
-        # 1-D (so fit() puts it in the no-weight-decay group); zero init as DINOv2
-        self.mask_token = nn.Parameter(torch.zeros(dim))
+        # 1-D (so fit()'s default groups leave it without weight decay); zero init as DINOv2, or the checkpoint's
+        init = torch.zeros(dim) if mask_token_init is None else mask_token_init.detach().reshape(dim).float().clone()
+        self.mask_token = nn.Parameter(init, requires_grad=bool(train_mask_token))
         self.dino_loss = DINOLoss(output_dim=n_prototypes, teacher_temp=teacher_temp, student_temp=student_temp,
                                   center_momentum=center_momentum)
         self.ibot_loss = IBOTPatchLoss(output_dim=n_prototypes, teacher_temp=teacher_temp,
@@ -325,6 +334,7 @@ class DinoV2Objective(nn.Module):
         self.dino_weight, self.ibot_weight = float(dino_weight), float(ibot_weight)
         self.koleo_weight = float(koleo_weight)
         self.seed = int(seed)
+        self._micro = 0     # training batches since the last teacher update (accumulated batches of one step)
         self.teacher.eval()
 
     # ------------------------------------------------------------------ structure
@@ -377,6 +387,7 @@ class DinoV2Objective(nn.Module):
         if dst and m < 1.0:
             torch._foreach_lerp_(dst, src, 1.0 - m)
         self.step_count.fill_(step + 1)
+        self._micro = 0
         return m
 
     # ------------------------------------------------------------------ loss
@@ -404,11 +415,13 @@ class DinoV2Objective(nn.Module):
         globals_ = torch.cat([g0, g1])                                       # [2B, C, H, W]
         P = vit_s.num_prefix_tokens
 
-        # iBOT masks for the 2B global crops, drawn from (seed, step, rank): reproducible on resume
+        # iBOT masks for the 2B global crops, drawn from (seed, step, rank, batch of the step): reproducible on resume,
+        # and each accumulated batch of a step gets its own masks
+        micro, self._micro = self._micro, self._micro + int(self.training)
         h, w = _grid(vit_s, globals_)
         mask = dinov2_masks(2 * B, (h, w), mask_probability=self.mask_probability, ratio_min=self.mask_ratio[0],
                             ratio_max=self.mask_ratio[1], mode=self.mask_mode,
-                            seed=(self.seed * 1_000_003 + step) * 131 + _rank()).to(globals_.device)
+                            seed=(self.seed * 1_000_003 + step) * 131 + _rank() + micro * 7_919_003).to(globals_.device)
         flat_mask = mask.flatten(1)                                          # [2B, N]
         n_masked = int(flat_mask.sum())
 
@@ -449,8 +462,8 @@ class DinoV2Objective(nn.Module):
         else:   # nothing masked in this batch: zero, but keep the head in the graph (DDP)
             ibot = self._head(False, True)(s_tok[:1, P]).sum() * 0.0
 
-        # KoLeo on the student CLS features of each global crop
-        koleo = sum(self.koleo_loss(c.float()) for c in s_cls_feat.chunk(2)) / 2
+        # KoLeo on the student CLS features of each global crop, summed over the two crops (DINOv2)
+        koleo = sum(self.koleo_loss(c.float()) for c in s_cls_feat.chunk(2))
 
         loss = self.dino_weight * dino + self.ibot_weight * ibot + self.koleo_weight * koleo
         logs = {"dino": dino.detach(), "ibot": ibot.detach(), "koleo": koleo.detach(), "teacher_temp": t_temp,
