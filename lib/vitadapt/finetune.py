@@ -505,19 +505,29 @@ def train_then_test(make_model: Callable[..., nn.Module], splits, grid: Sequence
 
 
 def lora_classifier(model: nn.Module, num_classes: int, rank: int, targets, drop_path: float = 0.0,
-                    head: tuple | None = None) -> nn.Module:
-    """A copy of ``model`` ready for a LoRA fine-tune: a new head (drawn fresh, or set to ``head`` = (weight, bias),
-    e.g. a linear probe's), drop-path rising to ``drop_path``, LoRA of ``rank`` on ``targets`` of every block; only
-    the LoRA matrices and the head train."""
+                    head: tuple | None = None, alpha: float | None = None, pool: str = "cls",
+                    head_std: float = 0.02) -> nn.Module:
+    """A copy of ``model`` ready for a LoRA fine-tune: with ``pool="avg"`` the head reads the mean patch token through
+    a fresh, frozen ``fc_norm`` (:func:`vitadapt.vit.avg_pool_head`; MAE/ExPLoRA's fine-tune), with ``"cls"`` the
+    normed CLS token; a new head (truncated normal of std ``head_std``, zero bias, or set to ``head`` = (weight, bias),
+    e.g. a linear probe's fitted on the same pooled features), drop-path rising to ``drop_path``, LoRA of ``rank`` on
+    ``targets`` of every block with ``alpha`` (None: ``alpha = rank``, scale 1; ExPLoRA: 1, scale 1/rank); only the
+    LoRA matrices and the head train."""
     import copy
 
     from vitadapt.peft.lora import apply_lora
-    m = fresh_head(copy.deepcopy(model).cpu(), num_classes)
+    from vitadapt.vit import avg_pool_head
+    if pool not in ("cls", "avg"):
+        raise ValueError(f"pool={pool!r} is not valid; valid values: 'cls', 'avg'")
+    m = copy.deepcopy(model).cpu()
+    if pool == "avg":
+        avg_pool_head(m)
+    m = fresh_head(m, num_classes, std=head_std)
     if head is not None:
         with torch.no_grad():
             m.head.weight.copy_(head[0])
             m.head.bias.copy_(head[1])
-    return apply_lora(set_drop_path(m, drop_path), rank=rank, targets=targets, train_head=True)
+    return apply_lora(set_drop_path(m, drop_path), rank=rank, targets=targets, alpha=alpha, train_head=True)
 
 
 def decoded(splits, img_size: int, train: bool = True, val: bool = True):

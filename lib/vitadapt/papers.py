@@ -212,20 +212,26 @@ CHOICES["ExPLoRA"] = [
      "paper profile: its gradients are dropped for the first 3 x 1,250 = 3,750 optimizer steps (ExPLoRA's epoch "
      "length is not public; 1,250 is DINOv2's OFFICIAL_EPOCH_LENGTH); other profiles: not frozen",
      "freeze_last_layer_steps"),
-    ("MAE decoder offline", "ExPLoRA keeps the pre-trained MAE decoder and puts LoRA r8 on it",
-     "with a checkpoint (mae_decoder): loaded, LoRA rank decoder_lora_rank; without one (offline): a freshly "
-     "initialised decoder, first trained alone for decoder_warmup_steps on the target images with the encoder "
-     "frozen, then trained in full alongside the variant's trainable set",
+    ("MAE decoder offline", "ExPLoRA keeps the pre-trained MAE decoder: LoRA r8 (alpha 1) on Q,V of its blocks, its "
+     "LayerNorms trainable, decoder_embed / decoder_pred / mask token frozen (mae/pretrain.py)",
+     "with a checkpoint (mae_decoder): loaded, the official rule (LoRA rank decoder_lora_rank on Q,V, norms train); "
+     "without one (offline): a freshly initialised decoder, first trained alone for decoder_warmup_steps on the target "
+     "images with the encoder frozen, then trained in full alongside the variant's trainable set",
      "mae_decoder, decoder_lora_rank, decoder_warmup_steps"),
-    ("fine-tune LoRA", "LoRA r8 on Q,V of every block + head; 120 epochs, LR 5e-4, batch 128, label smoothing 0.1, "
-     "drop-path 0.2; alpha and weight decay not stated",
-     "alpha = rank (scale 1), weight decay from ft_weight_decays; a single grid point trains on train and is "
-     "tested once (nothing to select); a grid is chosen on val, retrained on train + val, tested once",
-     "ft_rank, ft_lrs, ft_weight_decays, ft_steps / ft_epochs, ft_augment"),
-    ("fine-tune head", "a new classification head (random init)",
-     "paper profile: a fresh head; cpu/smoke: the head starts from a logistic-regression probe on the model's own CLS "
-     "features (C chosen on val; LP-FT, Kumar et al. 2022), because a few steps cannot train a fresh 30-way head (8 "
-     "steps from a fresh head reached 7 % on AID, chance 3 %)", "ft_head_init: fresh | probe"),
+    ("fine-tune LoRA", "LoRA r8 (alpha 1: scale 1/8) on Q,V of every block + head; 120 epochs, 5 warm-up, LR 5e-4 "
+     "(blr 1e-3), batch 128, weight decay 0, label smoothing 0.1, drop-path 0.2, no layer decay / mixup / cutmix "
+     "(scripts/finetune.sh, finetune/finetune.py)",
+     "paper profile: the official values; cpu/smoke/gpu: alpha = rank (scale 1), 10 % warm-up, weight decay from "
+     "ft_weight_decays. A single grid point trains on train and is tested once (nothing to select); a grid is chosen "
+     "on val, retrained on train + val, tested once",
+     "ft_rank, ft_lora_alpha, ft_lrs, ft_weight_decays, ft_warmup / ft_warmup_epochs, ft_steps / ft_epochs, ft_augment"),
+    ("fine-tune head", "a new head, truncated normal std 2e-5, on the mean patch token through a fresh (frozen) "
+     "fc_norm, the final norm dropped (global_pool)",
+     "paper profile: the same (ft_pool=avg, ft_head_init_std=2e-5); cpu/smoke/gpu: the CLS token after the final "
+     "norm, and the head starts from a logistic-regression probe on exactly the features it reads (C chosen on val; "
+     "LP-FT, Kumar et al. 2022; with ft_pool=avg the probe is fitted on the pooled fc_norm features), because a few "
+     "steps cannot train a fresh 30-way head (8 steps from a fresh head reached 7 % on AID, chance 3 %)",
+     "ft_pool: cls | avg, ft_head_init: fresh | probe, ft_head_init_std"),
     ("evaluation", "DinoV2 linear-probe harness selects on test", "C and k chosen on validation, test scored once",
      "feature, probe_Cs, knn_ks"),
 ]
@@ -410,3 +416,150 @@ RECIPES["ExPLoRA"] += [RecipeValue(_PD, *row) for row in (
     ("weights evaluated", "eval_weights", "the teacher (checkpoint_key: teacher) or its encoder-only export",
      "samar-khanna/ExPLoRA: linprobe/configs/fmow_vitl14.yaml"),
 )]
+
+# ---- ExPLoRA: MAE pre-training and the LoRA fine-tune (issue 13, E6/E7) -----------------------------------------
+# Read in the code index (samar-khanna/ExPLoRA): scripts/pretrain_mae.sh, mae/pretrain.py, vit_lora_util.py,
+# train_lora_util.py, scripts/finetune.sh, finetune/finetune.py and the RGB datasets.py they import (the index holds
+# these files by content; the repository's own snapshot has only README.md).
+_EXP = "samar-khanna/ExPLoRA: "
+_MAE_SH, _MAE_PY = _EXP + "scripts/pretrain_mae.sh", _EXP + "mae/pretrain.py"
+_FT_SH, _FT_PY = _EXP + "scripts/finetune.sh", _EXP + "finetune/finetune.py"
+_LORA_PY, _DATA_PY = _EXP + "vit_lora_util.py", _EXP + "util/datasets.py (SatMAE's, RGB branch)"
+_MAE, _FT = "pre-training (MAE)", "LoRA fine-tune"
+RECIPES["ExPLoRA"] += [RecipeValue(_MAE, *row) for row in [
+    ("mask ratio", "mask_ratio", "0.75 (--mask_ratio 0.75)", _MAE_SH),
+    ("loss target", "", "per-patch normalised pixels (--norm_pix_loss)", _MAE_SH,
+     "same rule, always on in vitadapt.ssl.mae (norm_pix_loss=True, no config field)"),
+    ("start weights", "weights, mae_decoder", "mae_visualize_vit_large.pth (encoder + decoder of an MAE trained on raw "
+     "pixels, used with --norm_pix_loss)", _MAE_SH,
+     "mae_pretrain_vit_large_full.pth (encoder + decoder of the norm-pix MAE, whose loss matches --norm_pix_loss); "
+     "the encoder from the timm hub"),
+    ("decoder size", "decoder_dim, decoder_depth, decoder_heads", "512-d, 8 blocks, 16 heads "
+     "(mae_vit_large_patch16 = MAE's dec512d8b)", _MAE_PY),
+    ("decoder LoRA rank", "decoder_lora_rank", "8 (--decoder_lora_rank 8)", _MAE_SH),
+    ("decoder LoRA targets", "", "Q and V of every decoder block (--lora_layers attn; no --lora_attn_key / "
+     "--lora_attn_proj): the fused qkv split into q/k/v, K a plain copy", f"{_MAE_PY}; {_LORA_PY}",
+     "same (MAEObjective decoder_lora_targets=('q', 'v'), no config field)"),
+    ("decoder LoRA alpha", "", "1 (LoRALinearLayer default: scale 1/r = 1/8)", _LORA_PY,
+     "same (MAEObjective decoder_lora_alpha=1, no config field)"),
+    ("decoder trainable parts", "", "LoRA A/B of Q,V + every LayerNorm ('norm' in the name with --unfreeze_norm: "
+     "each block's norm1/norm2 and decoder_norm); frozen: decoder_embed, decoder_pred (only with --unfreeze_embed), "
+     "mask_token, K, proj, MLP, biases of the LoRA'd projections; decoder_pos_embed fixed sin-cos", _MAE_PY,
+     "same (MAEObjective decoder_train_norms=True)"),
+    ("optimiser, betas", "pretrain_beta2", "AdamW (0.9, 0.95); no weight decay on biases and norms "
+     "(add_weight_decay)", _MAE_PY),
+    ("learning rate", "pretrain_lr", "blr 4.5e-4 x 1024 / 256 = 1.8e-3 (absolute lr = blr x effective batch / 256)",
+     _MAE_SH),
+    ("weight decay", "pretrain_weight_decay", "0 (pretrain.py default, not set by the script)", _MAE_PY),
+    ("batch, accumulation", "pretrain_batch_size, devices, accumulate_grad_batches", "64 per GPU x 4 accumulated x "
+     "4 GPUs = 1024", _MAE_SH, "the same 1024 as 256 per device x 4 devices, no accumulation"),
+    ("warm-up", "pretrain_warmup", "1 epoch (--warmup_epochs 1), per-iteration linear", _MAE_SH,
+     "a number of steps: 1,000 of 20,000 (5 %); one epoch of fMoW-RGB at 1024 is the training-image count / 1024"),
+    ("schedule", "", "half-cycle cosine to min_lr 0 after the warm-up, per iteration", _MAE_PY,
+     "same (vitadapt.train.fit: linear warm-up, cosine to 0)"),
+    ("epochs", "pretrain_steps", "400 (--epochs 400)", _MAE_SH,
+     "20,000 steps of 1024 images (about 56 fMoW-RGB epochs): our budget"),
+    ("augmentation", "", "RandomResizedCrop 224 (scale 0.2-1, bicubic) + horizontal flip, normalised with fMoW-RGB's "
+     "own mean/std", _DATA_PY,
+     "same crop and flip (vitadapt.ssl.continued.augmentation), ImageNet mean/std, the MAE weights' own"),
+    ("gradient clipping", "grad_clip", "none (pretrain.py has no clipping argument)", _MAE_PY),
+]]
+RECIPES["ExPLoRA"] += [RecipeValue(_FT, *row) for row in [
+    ("LoRA rank, targets", "ft_rank, ft_targets", "8 on Q,V of every block (--lora_rank 8, --lora_layers attn)",
+     f"{_FT_SH}; {_FT_PY}"),
+    ("LoRA alpha", "ft_lora_alpha", "1 (LoRALinearLayer default: scale 1/8)", _LORA_PY),
+    ("pooling", "ft_pool", "global average of the patch tokens (CLS left out) through a new fc_norm, the final norm "
+     "deleted (--global_pool, default True)", f"{_FT_PY}; {_EXP}finetune's VisionTransformer (MAE's models_vit)"),
+    ("trainable", "", "LoRA A/B + head ('head' or 'lora' in the name): fc_norm stays at weight 1, bias 0 (no "
+     "--unfreeze_norm)", _FT_PY, "same (apply_lora: LoRA + head)"),
+    ("head init", "ft_head_init, ft_head_init_std", "trunc_normal_(head.weight, std=2e-5), bias 0", _FT_PY),
+    ("learning rate", "ft_lrs", "blr 1e-3 x 128 / 256 = 5e-4", _FT_SH),
+    ("batch", "ft_batch_size, devices, accumulate_grad_batches", "32 per GPU x 2 accumulated x 2 GPUs = 128", _FT_SH,
+     "the same 128 as 32 per device x 4 devices (notebook 11); with notebook 10's accumulate_grad_batches the "
+     "fine-tune accumulates too (see its config)"),
+    ("epochs", "ft_epochs", "120", _FT_SH),
+    ("warm-up", "ft_warmup_epochs", "5 epochs (--warmup_epochs default), per-iteration linear", _FT_PY),
+    ("schedule", "", "half-cycle cosine to min_lr 1e-6", _FT_PY,
+     "cosine to 0 (vitadapt.finetune has no floor; 1e-6 is 0.2 % of the peak)"),
+    ("weight decay", "ft_weight_decays", "0 (--weight_decay 0.0)", _FT_SH),
+    ("optimiser, betas", "", "AdamW, torch's default betas (0.9, 0.999)", _FT_PY, "same (vitadapt.train.fit)"),
+    ("layer-wise lr decay", "", "1.0 (--layer_decay 1.0: none)", _FT_SH, "same (none)"),
+    ("drop-path", "ft_drop_path", "0.2 (--drop_path 0.2), linear over the blocks", _FT_SH),
+    ("label smoothing", "ft_label_smoothing", "0.1 (--smoothing default)", _FT_PY),
+    ("mixup, cutmix, random erasing", "", "off (--mixup 0 --cutmix 0 --reprob 0)", _FT_SH, "same (none)"),
+    ("augmentation", "ft_augment", "RandomResizedCrop 224 (scale 0.2-1, bicubic) + horizontal flip, fMoW-RGB mean/std; "
+     "RandAugment (--aa) is parsed but the RGB dataset's transform does not read it", _DATA_PY,
+     "vitadapt.finetune's: crop scale 0.5-1 + flip, ImageNet mean/std"),
+    ("evaluation", "protocol", "test scored after every epoch, the best logged (max_accuracy)", _FT_PY,
+     "clean: last epoch, test once; protocol=both reports the best test epoch beside it"),
+    ("gradient clipping", "", "none (--clip_grad default None)", _FT_PY, "same (none)"),
+]]
+
+
+# ---- RLRR: the official VTAB-1k recipe (zstarN70/RLRR, read 2026-11; experiments/rlrr_recipe.py follows it) -------
+
+_RL = "zstarN70/RLRR: "
+_RL_TRAIN, _RL_CFG, _RL_DATA, _RL_NET = (f"{_RL}train_vtab.py", f"{_RL}RLRRDatasets/VTABConfig.py",
+                                         f"{_RL}RLRRDatasets/VTABDataLoader.py", f"{_RL}models/networks.py")
+_RL_FT, _RL_MODEL, _RL_DATA_PART = "VTAB-1k fine-tune", "model", "data"
+RECIPES["RLRR"] += [RecipeValue(*row) for row in [
+    (_RL_FT, "optimiser", "", "torch AdamW over model.get_parameters(lr, weight_decay): two groups, one lr", _RL_TRAIN),
+    (_RL_FT, "betas, eps", "", "(0.9, 0.999), 1e-8: torch's defaults", _RL_TRAIN),
+    (_RL_FT, "precision, gradient clipping", "precision", "fp16 autocast with timm's NativeScaler (loss scaling); "
+     "no clipping", _RL_TRAIN, "bf16-mixed on the GPU (configs/paper.yaml): fp32's range, no loss scale needed"),
+    (_RL_FT, "learning rate and rule", "hparams, base_lr", "fixed per task (VTABConfig.py lr: 1e-3 to 1e-2, see "
+     "experiments.rlrr_recipe.RLRR_VTAB_TASKS), not scaled with the batch; one table for every model: whether the "
+     "paper's ViT-B/16 runs used exactly it is not public (the script's defaults are ViT-H_14 and an output folder "
+     "'vtab_vit-H-rerun')", _RL_CFG, "the other methods of 30 keep their lr grid, chosen on val"),
+    (_RL_FT, "weight decay", "hparams", "per task, 5e-5 or 5e-2 (VTABConfig.py); none on parameters whose names hold "
+     "'bias' or 'norm' (get_parameters): RLRR's f and the block / final SSF are not decayed, s_left, s_right, the "
+     "head weight and the patch-embedding SSF scale and shift are", f"{_RL_CFG}; {_RL_NET}",
+     "decay on tensors of >= 2 dims: the same, except the patch-embedding SSF scale/shift (1-D: not decayed)"),
+    (_RL_FT, "schedule", "lr_step, epochs", "timm CosineLRScheduler from create_scheduler (timm 0.9.8: cosine over "
+     "t_initial = 100 epochs including the warm-up, one cycle), stepped once per epoch with scheduler.step(epoch) "
+     "after it: epoch e runs at the schedule's value of e - 1 (epochs 0 and 1 at the warm-up start)", _RL_TRAIN),
+    (_RL_FT, "warm-up", "warmup, warmup_lr", "10 epochs, linear from warmup_lr 1e-7", f"{_RL_TRAIN}; {_RL_CFG}"),
+    (_RL_FT, "minimum lr", "min_lr", "1e-8 (VTABConfig.py min_lr)", _RL_CFG),
+    (_RL_FT, "cool-down", "cooldown_epochs", "10 epochs at min_lr after the 100 (create_scheduler returns 110)",
+     _RL_TRAIN),
+    (_RL_FT, "epochs", "epochs, cooldown_epochs", "100 + 10 of cool-down = 110 trained", _RL_TRAIN),
+    (_RL_FT, "batch", "batch_size", "32 (VTABConfig.py), last partial batch kept (drop_last=False: 32 steps per "
+     "epoch of 1000 images); --gradient_accumulation_steps 2 is parsed but never used", f"{_RL_CFG}; {_RL_DATA}",
+     "the last partial batch is dropped (31 steps per epoch)"),
+    (_RL_FT, "label smoothing", "label_smoothing", "none: nn.CrossEntropyLoss()", _RL_TRAIN),
+    (_RL_FT, "training images", "hparams, n_train, n_val", "train800val200.txt (get_data evaluate=True): the 1000 "
+     "labelled images; nothing is chosen on val200", _RL_DATA),
+    (_RL_FT, "evaluation", "protocol", "test.txt scored after every epoch from epoch 1 (fp16, batch 256); the best "
+     "test accuracy is kept and reported", _RL_TRAIN, "protocol clean: the last epoch; official / both: the best "
+     "test epoch as well"),
+    (_RL_FT, "seeds", "seeds", "one run, seed 42", _RL_TRAIN, "three seeds, mean and std"),
+    (_RL_MODEL, "weights", "weights", "ViT-B/16 ImageNet-21k of google-research/vision_transformer (ViT-B_16.npz, "
+     "load_from; timm vit_base_patch16_224.orig_in21k). train_vtab.py's default is ViT-H_14.npz; the paper's tables "
+     "are ViT-B/16 IN-21k, which train_fgvc.py's default (ViT-B_16, './checkpoint/ViT-B_16.npz') loads",
+     f"{_RL_TRAIN}; {_RL}train_fgvc.py; {_RL}README.md"),
+    (_RL_MODEL, "head init", "head_init", "zero weight and bias (zero_head=True)", f"{_RL_TRAIN}; {_RL_NET}"),
+    (_RL_MODEL, "dropout", "hparams, dropout", "nn.Dropout (element-wise) on the attention and on the MLP branch "
+     "output before each residual sum (called drop_path1/2), rate torch.linspace(0, drop_path, 12) over the blocks; "
+     "drop_path per task 0 to 0.5 (VTABConfig.py)", f"{_RL_NET}; {_RL_CFG}"),
+    (_RL_MODEL, "drop-path", "drop_path", "none (no stochastic depth; the field named drop_path is the dropout "
+     "above)", _RL_NET),
+    (_RL_MODEL, "other dropout", "", "attention, projection and MLP dropout 0 (configs.py dropout_rate and "
+     "attention_dropout_rate 0.0)", f"{_RL}models/configs.py", "same (timm's defaults: 0)"),
+    (_RL_MODEL, "init of the scales", "", "s_left, s_right (scale_line, scale_col) kaiming_uniform_, f (shift_bias) "
+     "0; SSF scale N(1, 0.02), shift N(0, 0.02)", _RL_NET, "same (peft.rlrr: init 'kaiming', SSF 'official')"),
+    (_RL_MODEL, "what trains", "", "names holding 'head', 'scale' or 'shift': the head, s_left / s_right / f of q, "
+     "k, v, out, fc1, fc2 in every block, SSF after both block LayerNorms, the final LayerNorm and the patch "
+     "embedding; the rest (LayerNorms, patch embedding, cls, positions) frozen", _RL_TRAIN,
+     "same (peft.rlrr.apply_rlrr; q, k, v split out of timm's fused qkv)"),
+    (_RL_DATA_PART, "normalisation", "normalize", "mean = std = (0.5, 0.5, 0.5) (get_data defaults)", _RL_DATA),
+    (_RL_DATA_PART, "resolution, resize", "img_size", "Resize((224, 224)) bicubic (interpolation=3), no crop, for "
+     "training and test", _RL_DATA),
+    (_RL_DATA_PART, "flips", "hparams, augment", "RandomHorizontalFlip on the training images of the 10 tasks with "
+     "simple_aug=True (dtd, oxford_iiit_pet, patch_camelyon, eurosat, diabetic_retinopathy, clevr_count, clevr_dist, "
+     "dmlab, kitti, smallnorb_ele); no other augmentation", f"{_RL_DATA}; {_RL_CFG}"),
+    (_RL_FT, "FGVC recipe", "", "train_fgvc.py: 50 epochs (+10 cool-down), Resize 256 + RandomCrop 224 + flip, "
+     "CenterCrop test, per-set lr / wd / dropout (FGVCConfig.py), CUB and Dogs on CosineAnnealingWarmRestarts "
+     "(T_0 5)", f"{_RL}train_fgvc.py; {_RL}RLRRDatasets/FGVCConfig.py; {_RL}RLRRDatasets/fgvc_tranforms.py",
+     "not implemented: FGVC (31's paper profile) keeps the grid chosen on val, 224 px resize, with the shared "
+     "values (weights, mean = std = 0.5, zero head, no smoothing, batch 32)"),
+]]

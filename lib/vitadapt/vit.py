@@ -8,10 +8,13 @@ tensors only: no datasets, no training loop, no adaptation method.
 - :func:`meta_vit`: a ViT built on ``torch.device("meta")`` (shapes only, no weights): parameter counts
   without memory or time.
 - :func:`fresh_head`: a new classifier head drawn from the current torch seed.
+- :func:`avg_pool_head`: the classifier reads the mean patch token through a fresh ``fc_norm`` (timm's
+  ``global_pool="avg"``, MAE's fine-tune), instead of the normed CLS token.
 - :func:`set_drop_path`: stochastic depth rising linearly over the blocks (timm's rule).
 - :func:`encode_tokens`: the tail of timm's ``forward_features`` on tokens that already carry their position
   embedding (``patch_drop``, ``norm_pre``, the blocks with gradient checkpointing, the final norm); the
   self-supervised objectives call it after masking or dropping tokens.
+- :class:`PreLogits`: the features a ViT's head reads (pooling, ``fc_norm``), as the output of a model.
 - :class:`TailViT` / :class:`HeadOnly`: the last blocks + final norm + pooling + head of a ViT, or its head
   alone, as models of their own (trained on cached tokens / features).
 
@@ -26,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["meta_vit", "fresh_head", "set_drop_path", "encode_tokens", "TailViT", "HeadOnly"]
+__all__ = ["meta_vit", "fresh_head", "avg_pool_head", "set_drop_path", "encode_tokens", "PreLogits", "TailViT", "HeadOnly"]
 
 
 def meta_vit(arch: str, img_size: int | None = None, **kw) -> nn.Module:
@@ -44,13 +47,16 @@ def meta_vit(arch: str, img_size: int | None = None, **kw) -> nn.Module:
             return timm.create_model(arch, pretrained=False, num_classes=0, **extra, **kw)
 
 
-def fresh_head(model: nn.Module, num_classes: int) -> nn.Module:
+def fresh_head(model: nn.Module, num_classes: int, std: float = 0.02) -> nn.Module:
     """Replace the classifier head by a new ``Linear(num_features, num_classes)`` (timm init: truncated normal,
-    std 0.02, zero bias) drawn from the current torch seed; returns the model."""
+    ``std`` 0.02, zero bias; MAE's and ExPLoRA's fine-tunes draw it with std 2e-5) from the current torch seed;
+    returns the model."""
+    if not std > 0:
+        raise ValueError(f"std={std!r} must be > 0 (timm 0.02, MAE/ExPLoRA fine-tune 2e-5)")
     old = model.get_classifier()
     dim = old.in_features if isinstance(old, nn.Linear) else model.num_features
     head = nn.Linear(dim, num_classes)
-    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.trunc_normal_(head.weight, std=std)
     nn.init.zeros_(head.bias)
     p = next(model.parameters(), None)
     if p is not None:
@@ -58,6 +64,27 @@ def fresh_head(model: nn.Module, num_classes: int) -> nn.Module:
     model.head = head
     if hasattr(model, "num_classes"):
         model.num_classes = num_classes
+    return model
+
+
+def avg_pool_head(model: nn.Module) -> nn.Module:
+    """Make a timm ViT's head read the mean of the patch tokens (prefix tokens left out) through a new LayerNorm
+    ``fc_norm`` (weight 1, bias 0, the final norm's eps), the final ``norm`` becoming Identity: what timm builds for
+    ``global_pool="avg"`` and what MAE's fine-tune model does (the pre-trained final norm is dropped). In place;
+    returns the model. Raises ValueError for a model that is not a timm VisionTransformer or pools otherwise."""
+    if not all(hasattr(model, a) for a in ("global_pool", "fc_norm", "norm", "num_prefix_tokens")):
+        raise ValueError(f"{type(model).__name__} is not a timm VisionTransformer (global_pool, fc_norm, norm, "
+                         f"num_prefix_tokens); avg_pool_head needs one")
+    if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
+        raise ValueError(f"global_pool={model.global_pool!r}: avg_pool_head takes a ViT pooling 'token' or 'avg'")
+    if model.global_pool == "avg" and not isinstance(model.fc_norm, nn.Identity):
+        return model                                          # already pooled so
+    norm = model.norm
+    if not isinstance(norm, nn.LayerNorm):
+        raise ValueError(f"final norm is {type(norm).__name__}, not an nn.LayerNorm: cannot build its fc_norm")
+    fc_norm = nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine,
+                           device=norm.weight.device if norm.weight is not None else None)
+    model.global_pool, model.fc_norm, model.norm = "avg", fc_norm, nn.Identity()
     return model
 
 
@@ -135,3 +162,23 @@ class HeadOnly(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(x)
+
+
+class PreLogits(nn.Module):
+    """What the head of a timm ViT reads (``forward_head(forward_features(x), pre_logits=True)``: pooling, ``fc_norm``,
+    head dropout), as a model's output and as its ``forward_features`` with an identity ``forward_head``, so feature
+    extraction (:func:`vitadapt.eval.pool_tokens`) returns exactly those features. The ViT is the one given, not a
+    copy."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_features(x)

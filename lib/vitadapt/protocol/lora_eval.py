@@ -1,7 +1,15 @@
 """The LoRA fine-tune evaluation of a backbone (ExPLoRA's downstream protocol, REFERENCE.md section 1): LoRA of rank
-``ft_rank`` on ``ft_targets`` of every block (alpha = rank), a new head (fresh, or LP-FT: the linear probe's), drop-path
-``ft_drop_path``; one (lr, weight decay) point is trained on train and tested once, a grid is chosen on val, retrained
-on train + val and tested once (:func:`vitadapt.finetune.train_then_test`).
+``ft_rank`` on ``ft_targets`` of every block (alpha ``ft_lora_alpha``; 0 = rank), a new head (fresh, std
+``ft_head_init_std``, or LP-FT: a probe fitted on the features the head reads) on the CLS token or, with
+``ft_pool="avg"``, on the mean patch token through a fresh frozen ``fc_norm`` (the official fine-tune), drop-path
+``ft_drop_path``, warm-up ``ft_warmup`` (steps or a fraction) or ``ft_warmup_epochs``; one (lr, weight decay) point is
+trained on train and tested once, a grid is chosen on val, retrained on train + val and tested once
+(:func:`vitadapt.finetune.train_then_test`).
+
+The official recipe (samar-khanna/ExPLoRA scripts/finetune.sh with finetune/finetune.py, as read in the code index):
+alpha 1 (scale 1/8), global average pooling with fc_norm, head truncated-normal std 2e-5, weight decay 0, 5 warm-up
+epochs, 120 epochs, effective batch 128, lr = blr 1e-3 x 128 / 256 = 5e-4, drop-path 0.2, label smoothing 0.1, no
+mixup/cutmix/random erasing, layer decay 1.0; ``papers.RECIPES["ExPLoRA"]`` part "LoRA fine-tune" lists each value.
 
 An experiment's config inherits :class:`LoraFinetuneSettings` (the fields read here) next to the shared fields of
 :class:`vitadapt.config.ExperimentConfig` (image size, batch size, feature, probe grid).
@@ -31,11 +39,15 @@ class LoraFinetuneSettings:
     ft_batch_size: int = opt(16, "Fine-tune batch size (paper 128).", min=1, max=65536)
     ft_lrs: tuple = opt((5e-4,), "Fine-tune learning rates; more than one grid point is chosen on val.", min=1e-8, max=10.0)
     ft_weight_decays: tuple = opt((0.05,), "Fine-tune weight decays (grid with ft_lrs).", min=0.0, max=10.0)
-    ft_warmup: float = opt(0.1, "Fine-tune warm-up: a fraction of the steps (< 1) or a number of steps.", min=0.0)
+    ft_warmup: float = opt(0.1, "Fine-tune warm-up: a fraction of the steps (< 1) or a number of steps (used when ft_warmup_epochs is 0).", min=0.0)
+    ft_warmup_epochs: float = opt(0.0, "Fine-tune warm-up in epochs of the training set (official 5); 0 = use ft_warmup.", min=0.0)
     ft_label_smoothing: float = opt(0.1, "Fine-tune label smoothing (paper 0.1).", min=0.0, max=0.99)
     ft_drop_path: float = opt(0.2, "Fine-tune drop-path rate, rising linearly over the blocks (paper 0.2).", min=0.0, max=0.9)
     ft_augment: bool = opt(True, "Fine-tune with random resized crops and flips (off: images are decoded once).")
-    ft_head_init: Literal["fresh", "probe"] = opt("fresh", "Head of the fine-tune: fresh (paper: random init) or probe (LP-FT: the logistic-regression probe on the model's CLS features, C chosen on val; for budgets far too short to train a fresh head).")
+    ft_head_init: Literal["fresh", "probe"] = opt("fresh", "Head of the fine-tune: fresh (paper: random init) or probe (LP-FT: a logistic-regression probe on the features the head reads, C chosen on val; for budgets far too short to train a fresh head).")
+    ft_head_init_std: float = opt(0.02, "Std of the fresh head's truncated-normal weights (timm 0.02; official ExPLoRA/MAE fine-tune 2e-5).", min=1e-8, max=1.0)
+    ft_lora_alpha: float = opt(0.0, "LoRA alpha of the fine-tune (scale alpha / ft_rank); 0 = ft_rank (scale 1); official ExPLoRA 1 (scale 1/8).", min=0.0, max=4096.0)
+    ft_pool: Literal["cls", "avg"] = opt("cls", "What the fine-tune's head reads: cls (the CLS token after the final norm) or avg (the mean patch token through a fresh, frozen fc_norm, timm global_pool='avg'; official ExPLoRA/MAE fine-tune).")
 
 
 def decoded_splits(cfg, splits: Splits) -> Splits:
@@ -45,20 +57,83 @@ def decoded_splits(cfg, splits: Splits) -> Splits:
     return decoded(splits, cfg.img_size, train=not cfg.ft_augment, val=len(cfg.ft_lrs) * len(cfg.ft_weight_decays) > 1)
 
 
+def classifier(cfg, model: nn.Module, num_classes: int, head: tuple | None = None) -> nn.Module:
+    """The model the fine-tune trains, from the config: :func:`vitadapt.finetune.lora_classifier` of a copy of
+    ``model`` with ``ft_rank``, ``ft_targets``, ``ft_lora_alpha`` (0 = rank), ``ft_pool``, ``ft_head_init_std``,
+    ``ft_drop_path`` and ``head`` (weight, bias) when given."""
+    from vitadapt.finetune import lora_classifier
+    return lora_classifier(model, num_classes, cfg.ft_rank, parse_targets(cfg.ft_targets), cfg.ft_drop_path, head,
+                           alpha=cfg.ft_lora_alpha or None, pool=cfg.ft_pool, head_std=cfg.ft_head_init_std)
+
+
+def warmup(cfg, n_train: int, fabric=None) -> float:
+    """The ``warmup`` :func:`vitadapt.finetune.finetune_classifier` takes: ``ft_warmup`` when ``ft_warmup_epochs`` is
+    0; else that many epochs as a fraction of the run (``ft_warmup_epochs / ft_epochs``, or with ``ft_steps`` the
+    epochs' steps over ``n_train`` images divided by ``ft_steps``), so a retrain on train + val warms up over the same
+    epochs. ValueError when the warm-up would not end before the run does."""
+    if not cfg.ft_warmup_epochs:
+        return cfg.ft_warmup
+    if cfg.ft_epochs:
+        frac = cfg.ft_warmup_epochs / cfg.ft_epochs
+    else:
+        from vitadapt.finetune import _steps
+        frac = _steps(n_train, cfg.ft_batch_size, None, cfg.ft_warmup_epochs, fabric) / cfg.ft_steps
+    if not frac < 1:
+        raise ValueError(f"ft_warmup_epochs={cfg.ft_warmup_epochs} is not shorter than the run (ft_epochs="
+                         f"{cfg.ft_epochs}, ft_steps={cfg.ft_steps}, {n_train} training images): lower it or set 0")
+    return float(frac)
+
+
+def pooled_probe_head(cfg, model: nn.Module, splits: Splits, seed: int, device=None) -> tuple:
+    """LP-FT with ``ft_pool="avg"``: the probe fitted on the features the fine-tune's head reads at step 0 (the mean
+    patch token through the fresh ``fc_norm``; LoRA starts at zero and drop-path is off in eval), not on the cached
+    CLS/avg features of :func:`~vitadapt.protocol.probe.probe_head` (those are after the final norm, which the avg
+    head drops). Same fit: logistic regression on standardised training features, C among ``probe_Cs`` chosen on
+    val, the standardisation folded into the weights. Returns ``(weight [C, D], bias [C], C)`` on the CPU."""
+    import copy
+
+    import torch
+    from sklearn.preprocessing import StandardScaler
+
+    from vitadapt.eval import extract_features, fit_logistic
+    from vitadapt.vit import PreLogits, avg_pool_head
+    device = probe._device(cfg, device)
+    pooled = PreLogits(avg_pool_head(copy.deepcopy(model)))
+    get = lambda ds: extract_features(pooled, ds, cfg.img_size, cfg.batch_size, "cls", cfg.num_workers, device,
+                                      precision=cfg.precision)
+    (Xtr, ytr), (Xva, yva) = get(splits.train), get(splits.val)
+    scaler = StandardScaler().fit(Xtr)
+    mu, sd = (torch.as_tensor(a, dtype=torch.float32) for a in (scaler.mean_, scaler.scale_))
+    tr, va = (torch.as_tensor(scaler.transform(X), dtype=torch.float32).to(device) for X in (Xtr, Xva))
+    torch.manual_seed(seed)
+    best, Wb = None, None
+    for C in sorted(getattr(cfg, "probe_Cs", probe.DEFAULT_CS)):
+        Wb = fit_logistic(tr, torch.as_tensor(ytr, dtype=torch.long), len(splits.classes), C, 100, Wb)
+        acc = float(((va @ Wb[0] + Wb[1]).argmax(1).cpu().numpy() == yva).mean())
+        if best is None or acc > best[0]:
+            best = (acc, C, Wb)
+    _, C, (W, b) = best
+    W, b = W.cpu(), b.cpu()
+    return (W / sd[:, None]).T.contiguous(), b - (mu / sd) @ W, C
+
+
 def lora_finetune(cfg, model: nn.Module, splits: Splits, seed: int, fabric=None,
                   ft_splits: Splits | None = None, info: dict | None = None) -> dict:
-    """LoRA fine-tune (rank ``ft_rank`` on ``ft_targets`` of every block, alpha = rank, drop-path ``ft_drop_path``, a
-    fresh head or, with ``ft_head_init="probe"``, the probe's :func:`~vitadapt.protocol.probe.probe_head`) of a copy
-    of ``model``, through :mod:`vitadapt.finetune`. One (lr, weight decay) point: trained on train, scored once on
-    test (no val pass); several: chosen on val, retrained on train + val, test once. Returns an evaluation row."""
-    from vitadapt.finetune import lora_classifier, train_then_test
+    """LoRA fine-tune of a copy of ``model`` (:func:`classifier`: rank ``ft_rank`` on ``ft_targets`` of every block,
+    alpha ``ft_lora_alpha``, pooling ``ft_pool``, drop-path ``ft_drop_path``, a fresh head of std ``ft_head_init_std``
+    or, with ``ft_head_init="probe"``, a probe on the features that head reads), through :mod:`vitadapt.finetune`,
+    warm-up :func:`warmup`. One (lr, weight decay) point: trained on train, scored once on test (no val pass);
+    several: chosen on val, retrained on train + val, test once. Returns an evaluation row."""
+    from vitadapt.finetune import train_then_test
     data, n_cls = ft_splits or decoded_splits(cfg, splits), len(splits.classes)
-    head = probe.probe_head(cfg, model, info or {}, splits, seed) if cfg.ft_head_init == "probe" else None
+    head = None
+    if cfg.ft_head_init == "probe":
+        head = pooled_probe_head(cfg, model, splits, seed) if cfg.ft_pool == "avg" else \
+            probe.probe_head(cfg, model, info or {}, splits, seed)
     points = [{"lr": float(lr), "weight_decay": float(wd)} for lr in cfg.ft_lrs for wd in cfg.ft_weight_decays]
-    r = train_then_test(lambda **_: lora_classifier(model, n_cls, cfg.ft_rank, parse_targets(cfg.ft_targets),
-                                                    cfg.ft_drop_path, head), data, points, seed=seed, num_classes=n_cls,
-                        img_size=cfg.img_size, batch_size=cfg.ft_batch_size, warmup=cfg.ft_warmup, fabric=fabric,
-                        label_smoothing=cfg.ft_label_smoothing, augment=cfg.ft_augment,
+    r = train_then_test(lambda **_: classifier(cfg, model, n_cls, head), data, points, seed=seed, num_classes=n_cls,
+                        img_size=cfg.img_size, batch_size=cfg.ft_batch_size, warmup=warmup(cfg, len(data.train), fabric),
+                        fabric=fabric, label_smoothing=cfg.ft_label_smoothing, augment=cfg.ft_augment,
                         track_test=selection.official(cfg),
                         **({"epochs": cfg.ft_epochs} if cfg.ft_epochs else {"steps": cfg.ft_steps}))
     return {"seed": seed, "eval": f"LoRA-r{cfg.ft_rank} fine-tune", "test_acc": r["test_acc"], "val_acc": r["val_acc"],

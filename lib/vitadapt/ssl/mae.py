@@ -15,10 +15,18 @@ ExPLoRA keeps the pre-trained MAE decoder and puts LoRA rank 8 on it (``decoder_
 decoder weights in ``decoder_state_dict``; ``mae_decoder_state_dict`` converts an official MAE checkpoint). The
 official ViT-L/16 checkpoint that holds the decoder is ``mae_pretrain_vit_large_full.pth`` (dl.fbaipublicfiles.com/
 mae/pretrain/; the plain ``mae_pretrain_vit_large.pth`` is encoder-only); ``make data DATASET=mae_decoder`` puts it at
-``data/mae/mae_pretrain_vit_large_full.pth`` (:data:`vitadapt.data.fetch.MAE_DECODER_FILE`).
-Which other decoder parts train is not stated: here, with decoder LoRA, *only* the decoder's LoRA matrices
-train (interpretation). Offline no MAE decoder weights exist: the decoder is then randomly initialised and
-trains in full (``decoder_lora_rank=0``).
+``data/mae/mae_pretrain_vit_large_full.pth`` (:data:`vitadapt.data.fetch.MAE_DECODER_FILE`). (The official script,
+scripts/pretrain_mae.sh, starts from ``mae_visualize_vit_large.pth``, MAE trained on raw pixels, with --norm_pix_loss.)
+
+What trains in the decoder, as the official mae/pretrain.py does it (samar-khanna/ExPLoRA, with ``--lora_layers attn``,
+``--unfreeze_norm``, no ``--lora_attn_key`` / ``--lora_attn_proj`` / ``--unfreeze_embed`` / ``--freeze_decoder``):
+LoRA (alpha 1, scale 1/r) on the **Q and V** projections of every decoder block (``decoder_lora_targets``; the fused
+``qkv`` is split, :func:`vitadapt.peft.qkv.split_qkv`, K stays frozen), and **every decoder LayerNorm** (each block's
+``norm1`` / ``norm2`` and the final ``decoder_norm``: its "norm in the name" rule; ``decoder_train_norms``). Frozen:
+``decoder_embed``, ``decoder_pred`` (trained only with --unfreeze_embed), the mask token, K, the attention output
+projection, the MLPs and the biases of the LoRA'd projections; the position embedding is fixed sin-cos.
+Offline no MAE decoder weights exist: the decoder is then randomly initialised and trains in full
+(``decoder_lora_rank=0``).
 
 The encoder's trainable set is the caller's: this module never changes ``requires_grad`` of the encoder.
 The input size must be the encoder's ``img_size`` (the decoder's position embedding is fixed), square, and
@@ -72,16 +80,21 @@ class MAEObjective(nn.Module):
         norm_pix_loss: normalise each target patch by its mean and variance (True in MAE / ExPLoRA).
         decoder_state_dict: pre-trained decoder weights in this module's names (see ``mae_decoder_state_dict``),
             loaded strictly before LoRA is added.
-        decoder_lora_rank: > 0 puts peft LoRA of this rank on the decoder blocks' ``qkv`` and freezes the rest of
-            the decoder (paper: 8 on the pre-trained decoder); 0 trains the whole decoder.
+        decoder_lora_rank: > 0 puts peft LoRA of this rank on ``decoder_lora_targets`` of every decoder block and
+            freezes the rest of the decoder but its LayerNorms (``decoder_train_norms``) (paper: 8 on the pre-trained
+            decoder); 0 trains the whole decoder.
         decoder_lora_alpha: LoRA alpha (scaling alpha / r; 1.0 as the official ExPLoRA LoRA).
+        decoder_lora_targets: decoder projections that get LoRA (official: q, v; see
+            :data:`vitadapt.peft.lora.LORA_TARGETS`).
+        decoder_train_norms: with decoder LoRA, the decoder's LayerNorms train too (official --unfreeze_norm).
         seed: seeds the masks; the mask of step t depends only on (seed, t), so a resumed run repeats exactly.
     """
 
     def __init__(self, encoder: nn.Module, *, mask_ratio: float = 0.75, decoder_dim: int = 512,
                  decoder_depth: int = 8, decoder_heads: int = 16, decoder_mlp_ratio: float = 4.0,
                  norm_pix_loss: bool = True, decoder_state_dict: Mapping[str, Tensor] | None = None,
-                 decoder_lora_rank: int = 0, decoder_lora_alpha: float = 1.0, seed: int = 0):
+                 decoder_lora_rank: int = 0, decoder_lora_alpha: float = 1.0,
+                 decoder_lora_targets: tuple[str, ...] = ("q", "v"), decoder_train_norms: bool = True, seed: int = 0):
         super().__init__()
         from lightly.models.modules.masked_vision_transformer_decoder_timm import MaskedVisionTransformerDecoderTIMM
         from lightly.models.modules.masked_vision_transformer_timm import init_weights
@@ -92,6 +105,8 @@ class MAEObjective(nn.Module):
                              f"{decoder_heads}: all must be >= 1 and decoder_dim divisible by decoder_heads")
         if decoder_lora_rank < 0:
             raise ValueError(f"decoder_lora_rank={decoder_lora_rank} must be >= 0 (0 = no LoRA, paper 8)")
+        from vitadapt.peft.lora import _check_targets
+        targets = _check_targets(decoder_lora_targets)
         vit = find_vit(encoder)
         ph, pw = vit.patch_embed.patch_size
         if ph != pw:
@@ -120,13 +135,21 @@ class MAEObjective(nn.Module):
                 warnings.warn("decoder_lora_rank > 0 on a randomly initialised decoder: only the LoRA matrices "
                               "of a random frozen decoder will train; pass decoder_state_dict (paper) or use "
                               "decoder_lora_rank=0", stacklevel=2)
-            from vitadapt.peft.lora import inject_lora
+            from vitadapt.peft.lora import inject_lora, lora_target_names
+            from vitadapt.peft.qkv import split_qkv
             for m in self.decoder_modules():
                 for p in m.parameters():
                     p.requires_grad_(False)
-            self.decoder = inject_lora(self.decoder, ["qkv"], decoder_lora_rank, decoder_lora_alpha, 0.0)
+            if any(t in ("q", "k", "v") for t in targets):
+                split_qkv(self.decoder)
+            self.decoder = inject_lora(self.decoder, lora_target_names(self.decoder, targets), decoder_lora_rank,
+                                       decoder_lora_alpha, 0.0)
             for n, p in self.decoder.named_parameters():
-                p.requires_grad_("lora_" in n)
+                p.requires_grad_(".lora_A." in n or ".lora_B." in n)
+            if decoder_train_norms:
+                for m in self.decoder.modules():
+                    if isinstance(m, nn.LayerNorm):
+                        m.requires_grad_(True)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self.mask_ratio = float(mask_ratio)
         self.norm_pix_loss = bool(norm_pix_loss)
