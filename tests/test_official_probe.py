@@ -159,3 +159,10 @@ def test_harness_on_cuda_in_bf16(tiny_vit):
                          device="cuda", precision="bf16-mixed")
     assert len(r["rows"]) == 28 and r["best_val"]["test_acc"] >= 0.9
     assert next(m.parameters()).device.type == "cpu"                   # the backbone goes back where it was
+
+
+def test_harness_is_deterministic_by_seed(tiny_vit):
+    s = _splits()
+    run = lambda seed: train_probe_bank(tiny_vit(depth=4), s.train, s.val, s.test, 4, img_size=32, batch_size=16,
+                                        iterations=5, augment=True, seed=seed, blocks=(1, 2), lrs=(0.1, 1.0))["rows"]
+    assert run(0) == run(0)

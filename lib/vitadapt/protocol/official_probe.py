@@ -220,7 +220,7 @@ def train_probe_bank(model: nn.Module, train: Dataset, val: Dataset, test: Datas
         with torch.no_grad():
             for part, ds in (("val", val), ("test", test)):
                 X, y = _split_features(model, ds, eval_tf, n_max, batch_size, device, precision, opts)
-                acc[part] = [float((logits.argmax(1) == y).float().mean()) for logits in bank(X)]
+                acc[part] = [(logits.argmax(1) == y).sum().item() / len(y) for logits in bank(X)]
     finally:
         model.to(home).train(was_training)
     rows = [{**g, "scaled_lr": scaled_lr(g["lr"], batch), "width": s.stop - s.start, "val_acc": va, "test_acc": te}
