@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from vitadapt.config import build_config
 from vitadapt.experiments.explora import ExploraConfig
 from vitadapt.ssl import continued, recipe
-from vitadapt.ssl.dinov2 import DinoV2Augment, DinoV2Objective, dinov2_loss_fn
+from vitadapt.ssl.dinov2 import DinoV2Augment, DinoV2Objective
 from vitadapt.train import Diverged, fit, make_fabric, seed_everything
 
 IMG, PATCH, LOCAL, B = 32, 8, 16, 4
