@@ -73,7 +73,7 @@ def test_forgetting_set_falls_back_when_it_is_the_target():
 
 
 def test_ablation_variants_one_factor_at_a_time():
-    cfg = tiny_cfg(ablate_cvr=["none", "drift"], ablate_gate=["none", "none"], ablate_rank=[2, 16],
+    cfg = tiny_cfg(ablate_cvr=["none", "norm"], ablate_gate=["none", "none"], ablate_rank=[2, 16],
                    ablate_cvr_weight=[10.0])
     v = U.ablation_variants(cfg)
     assert v[0][1] == {} and v[0][0].startswith("default")

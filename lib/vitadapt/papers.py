@@ -159,19 +159,33 @@ CHOICES["UpStep"] = [
     ("training data", "unlabelled target images, no source data",
      "unlabelled images of the domain's training split (labels dropped before any use)",
      "n_adapt_images (0: the seed's labelled-training subset without labels; N: N images of the training pool)"),
-    ("self-supervised loss", "a self-supervised scheme (hint: two-stream clustering with fixed centres)",
-     "SwAV swapped prediction between two augmented views against fixed prototypes, Sinkhorn-Knopp codes",
+    ("self-supervised loss", "a self-supervised scheme (hint: two-stream clustering with fixed centres; the paper's "
+     "figure caption names the streams \"online\" and \"offline\")",
+     "SwAV-style swapped prediction against fixed prototypes, Sinkhorn-Knopp codes: the online view's scores predict "
+     "the codes of the offline view (one cross-entropy; symmetric: each view predicts the other's codes)",
      "prototype_init: random | base_kmeans; head: mlp | linear | identity"),
+    ("offline stream", "two streams, \"online\" and \"offline\", \"identical in architecture\", both LoRA-adapted "
+     "(paper figure caption, arXiv 2502.21313); how the offline one is updated is not public",
+     "ema: an exponential moving average of the online stream (backbone with its LoRA, and head), momentum 0.99, "
+     "updated after every optimizer step (a skipped iteration leaves it as is); the offline view runs without "
+     "gradient. Why: \"online\"/\"offline\" are BYOL's names for a trained network and its moving-average target, "
+     "and \"identical in architecture\" describes two networks, not one shared one",
+     "offline_stream: ema | stop_grad (the online weights, the offline view without gradient) | symmetric (both "
+     "views back-propagate, plain SwAV); offline_momentum"),
     ("cluster centres", "fixed (hint)", "a buffer of unit vectors, never trained", "n_prototypes, prototype_init"),
     ("temperature", "not public", "SwAV's 0.1 (Sinkhorn: 3 iterations, epsilon 0.05)", "temperature"),
     ("centre vector", "mean of the L2-normalised embeddings (authors' earlier paper, arXiv 2402.14957)",
-     "on the pooled backbone features of both views of the batch",
+     "on the pooled backbone features of the adapted weights on both views of the batch (offline_stream=ema: the "
+     "online view only; the base centre on the same images)",
      "center_estimate: batch | ema"),
-    ("CVR term", "exists; reduces forgetting; formula not public",
-     "drift: ||c_adapted - c_base||^2 against a frozen copy of the base model, weight 100 (the squared drift is "
-     "~1e-3 after a few iterations of ViT-S/14 on AID, so weight 1 barely acts; 100 makes the term a few % of the "
-     "clustering loss and held the drift ~5x lower in a short check)",
-     "cvr: drift | norm (||c_adapted||^2, anti-collapse) | both | none; cvr_weight"),
+    ("CVR term", "exists; reduces forgetting; formula not public. Summaries tie the centre vector's magnitude to "
+     "performance; the authors' earlier paper (arXiv 2402.14957, withdrawn after review) defines the centre vector "
+     "and argues self-supervised learning minimises its norm",
+     "norm: ||c_adapted||^2, weight 1 (the norm of a mean of unit vectors lies in [0, 1], so the term stays below "
+     "1 against a clustering loss of about ln(n_prototypes); on the smoke model 40 iterations lowered ||c|| from "
+     "about 0.67 to 0.50 while the clustering loss fell as much as without CVR; weight 10 took it to 0.30)",
+     "cvr: norm | drift (||c_adapted - c_base||^2 against a frozen copy of the base model; the squared drift is "
+     "~1e-3, so it needs a weight of ~100) | both | none; cvr_weight"),
     ("skip rule", "back-propagation skipped in half of the iterations; rule not public",
      "alternate: back-propagate on even steps only",
      "gate: none | alternate | cv_signal (skip when the centre-vector drift moved least since the last update, "

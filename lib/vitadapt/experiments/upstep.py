@@ -6,7 +6,10 @@ Protocol for every (domain, seed):
 1. the **base** backbone is evaluated frozen (linear probe and kNN, :mod:`vitadapt.protocol.probe`) on the target
    and on an out-of-domain labelled set (the *forgetting set*);
 2. **UpStep** adapts a copy of the backbone on the domain's *unlabelled* training images only
-   (:class:`vitadapt.data.unlabelled.Unlabelled` drops the labels before anything else sees an item);
+   (:class:`vitadapt.data.unlabelled.Unlabelled` drops the labels before anything else sees an item): an online
+   stream trained against the codes of an offline stream (``offline_stream``: by default an EMA copy of the online
+   one, LoRA included, updated after every optimizer step through ``fit``'s ``on_step``), with centre vector
+   regularisation (``cvr``: by default the squared norm of the centre vector, weight 1) and the gate;
 3. the adapted backbone, and the **ensembles** of base and adapted features (concatenated or averaged,
    :func:`vitadapt.ssl.upstep.ensemble_features`), are evaluated the same way;
 4. **forgetting** is the change of accuracy on the forgetting set, ``adapted - base`` (negative: forgotten); the
@@ -78,8 +81,10 @@ class UpStepConfig(ExperimentConfig):
     n_prototypes: int = opt(256, "Number of fixed cluster centres (prototypes).", min=2, max=1_000_000)
     prototype_init: Literal["random", "base_kmeans"] = opt("random", "Prototypes: random unit directions, or spherical k-means of the projected base features of the adaptation images.")
     temperature: float = opt(0.1, "Softmax temperature of the swapped prediction.", min=1e-4, max=10.0)
-    cvr: Literal["drift", "norm", "both", "none"] = opt("drift", "Centre vector regularisation: drift = ||c_adapted - c_base||^2, norm = ||c_adapted||^2, both, or none.")
-    cvr_weight: float = opt(100.0, "Weight of the CVR term (the squared drift is ~1e-3 after a few iterations, so 1 barely acts).", min=0.0)
+    cvr: Literal["drift", "norm", "both", "none"] = opt("norm", "Centre vector regularisation: norm = ||c_adapted||^2 (the centre vector's magnitude), drift = ||c_adapted - c_base||^2, both, or none.")
+    cvr_weight: float = opt(1.0, "Weight of the CVR term (norm: ||c||^2 is in [0, 1]; drift: the squared drift is ~1e-3 after a few iterations, so use ~100).", min=0.0)
+    offline_stream: Literal["ema", "stop_grad", "symmetric"] = opt("ema", "The offline stream (its view's codes are the targets): an EMA copy of the online stream (LoRA and head), the online weights without gradient, or none (symmetric: both views back-propagate).")
+    offline_momentum: float = opt(0.99, "EMA momentum of the ema offline stream (updated after every optimizer step).", min=0.0, max=0.9999)
     center_estimate: Literal["batch", "ema"] = opt("batch", "Centre vectors of the current batch, or an exponential moving average over batches.")
     gate: Literal["none", "alternate", "cv_signal"] = opt("alternate", "Which iterations back-propagate: all, even ones, or those whose centre-vector signal moved (cv_signal).")
     gate_signal: str = opt("cv_drift", "Logged statistic the cv_signal gate reads.", choices=lambda: list(LOG_KEYS))
@@ -99,6 +104,8 @@ class UpStepConfig(ExperimentConfig):
                              choices=lambda: literal_values(UpStepConfig, "gate"))
     ablate_rank: tuple = opt((32,), "LoRA ranks tried against the default (21).", min=1, max=1024)
     ablate_cvr_weight: tuple = opt((), "CVR weights tried against the default (21).", min=0.0)
+    ablate_offline: tuple = opt((), "Offline streams tried against the default (21).",
+                                choices=lambda: literal_values(UpStepConfig, "offline_stream"))
 
     def check(self) -> None:
         if not self.domains:
@@ -156,7 +163,7 @@ def augment_for(cfg, domain: str) -> UpStepAugment:
 def build_objective(cfg, backbone: torch.nn.Module, seed: int, init_images: torch.Tensor | None = None) -> UpStepObjective:
     """UpStep objective around ``backbone`` (mutated in place: LoRA is injected; a frozen copy is the base)."""
     fields = ("lora_rank", "head", "head_hidden_dim", "head_out_dim", "n_prototypes", "prototype_init", "temperature",
-              "cvr", "cvr_weight", "center_estimate")
+              "cvr", "cvr_weight", "center_estimate", "offline_stream", "offline_momentum")
     return UpStepObjective(backbone, **{f: getattr(cfg, f) for f in fields}, lora_alpha=cfg.lora_alpha or None,
                            init_images=init_images, seed=seed)
 
@@ -179,7 +186,8 @@ def adapt(cfg, base_model: torch.nn.Module, images: tuple[Dataset, list[int]], s
         ).manual_seed(seed), **loader_options(cfg.num_workers, cfg.pin_memory, cfg.persistent_workers))
     result = fit(fabric or fabric_from_config(cfg), objective, upstep_loss_fn(objective), loader, steps=cfg.steps,
                  lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup_steps, should_backward=gate,
-                 progress=progress, ckpt_path=ckpt, ckpt_every_s=checkpoint_every_s() if ckpt else None,
+                 on_step=objective.on_step, progress=progress, ckpt_path=ckpt,
+                 ckpt_every_s=checkpoint_every_s() if ckpt else None,
                  config={"domain": domain, "seed": seed})
     return objective.eval(), result
 
@@ -261,8 +269,10 @@ def run_upstep(cfg: UpStepConfig, run=None, progress: bool = False, log: Callabl
 def ablation_variants(cfg: UpStepConfig) -> list[tuple[str, dict]]:
     """One-factor-at-a-time variants around the configured default: (name, config overrides)."""
     axes = [(f, getattr(cfg, a), lambda v, f=f: f"{f}={v}") for f, a in (
-        ("cvr", "ablate_cvr"), ("cvr_weight", "ablate_cvr_weight"), ("gate", "ablate_gate"), ("lora_rank", "ablate_rank"))]
-    return [(f"default (cvr={cfg.cvr}, gate={cfg.gate}, r={cfg.lora_rank})", {})] + grid.one_factor(cfg, axes)
+        ("offline_stream", "ablate_offline"), ("cvr", "ablate_cvr"), ("cvr_weight", "ablate_cvr_weight"),
+        ("gate", "ablate_gate"), ("lora_rank", "ablate_rank"))]
+    return [(f"default (offline={cfg.offline_stream}, cvr={cfg.cvr}, gate={cfg.gate}, r={cfg.lora_rank})", {})] + \
+        grid.one_factor(cfg, axes)
 
 
 def run_ablations(cfg: UpStepConfig, run=None, progress: bool = False, log: Callable[[str], None] | None = print) -> grid.Results:
@@ -392,8 +402,9 @@ def plan_table(cfg: UpStepConfig, ranks=None) -> pd.DataFrame:
 def panel_fields(cfg: UpStepConfig) -> dict:
     """The knobs of the ablation panel: {name: (default, options or None)}; see :func:`vitadapt.widgets.ablation_panel`."""
     ranks = sorted({1, 2, 4, 8, 16, 32, 64, cfg.lora_rank, *cfg.ablate_rank})
-    cvrs, gates = (list(literal_values(UpStepConfig, f)) for f in ("cvr", "gate"))
-    return {"cvr": (cfg.cvr, cvrs), "cvr_weight": (float(cfg.cvr_weight), None),
+    streams, cvrs, gates = (list(literal_values(UpStepConfig, f)) for f in ("offline_stream", "cvr", "gate"))
+    return {"offline_stream": (cfg.offline_stream, streams), "cvr": (cfg.cvr, cvrs),
+            "cvr_weight": (float(cfg.cvr_weight), None),
             "gate": (cfg.gate, gates), "lora_rank": (cfg.lora_rank, ranks), "steps": (cfg.steps, None),
             "lr": (float(cfg.lr), None), "seed": (cfg.seeds[0], list(cfg.seeds)),
             "domain": (cfg.target_for_ablations, list(dict.fromkeys([cfg.target_for_ablations, *cfg.domains])))}

@@ -16,10 +16,20 @@ hyper-parameter. Each of these is a named, documented argument here, marked **ou
 * objective: SwAV-style swapped prediction (Caron et al. 2020) between two augmented views, scored
   against *fixed* prototypes (``prototype_init="random"|"base_kmeans"``, a buffer: never trained), codes
   from lightly's Sinkhorn-Knopp (:class:`lightly.loss.SwaVLoss`);
-* CVR: ``cvr="drift"`` penalises ``||c_adapted - c_base||^2`` (both centres of the same batch, the base
-  one from a frozen copy of the model without grad), ``"norm"`` penalises ``||c_adapted||^2`` (collapse),
-  ``"both"`` their sum, ``"none"`` nothing; centres are taken on the backbone features (the features
-  that evaluation uses), not on the projection;
+* streams: the paper names an "online" and an "offline" stream, "identical in architecture" and both
+  LoRA-adapted (a figure caption); how the offline one is updated is not public. ``offline_stream="ema"``
+  (default): the offline stream is an exponential moving average of the online one (backbone with its LoRA,
+  and head; ``offline_momentum``), updated after every optimizer step (:meth:`UpStepObjective.on_step`, to pass
+  as ``fit``'s ``on_step``), as BYOL's online/target pair; ``"stop_grad"``: the same weights, the offline
+  view run without gradient (SimSiam-style); ``"symmetric"``: both views back-propagate (plain SwAV). With
+  ``"ema"``/``"stop_grad"`` the first view is online (its scores predict) and the second offline (its
+  Sinkhorn codes are the targets);
+* CVR: ``cvr="norm"`` (default) penalises ``||c_adapted||^2``, the centre vector's *magnitude* that the record
+  ties to performance (arXiv 2402.14957 argues self-supervised learning minimises it; collapse drives it to
+  1); ``"drift"`` penalises ``||c_adapted - c_base||^2`` (both centres of the same images, the base one from a
+  frozen copy of the model without grad), ``"both"`` their sum, ``"none"`` nothing; centres are taken on the
+  backbone features (the features that evaluation uses), not on the projection, of the adapted weights on
+  both views (``"ema"``: the online view only, the offline features belong to the EMA copy);
 * gate (:class:`UpStepGate`): ``"alternate"`` (backward on even steps) or ``"cv_signal"`` (skip when
   the relative change of a centre-vector log since the last update is below a running quantile).
 
@@ -30,7 +40,7 @@ Usage with the project's loop::
     objective = UpStepObjective(model, n_prototypes=256)
     gate = UpStepGate("alternate")
     result = fit(fabric, objective, upstep_loss_fn(objective), loader, steps=..., lr=...,
-                 should_backward=gate)
+                 should_backward=gate, on_step=objective.on_step)   # on_step: the EMA offline stream
 """
 
 from __future__ import annotations
@@ -47,13 +57,14 @@ from torch import Tensor, nn
 __all__ = [
     "apply_upstep_lora", "center_vector", "RunningCenter", "spherical_kmeans", "UpStepObjective",
     "UpStepGate", "upstep_loss_fn", "UpStepAugment", "ensemble_features", "backbone_features",
-    "HEADS", "PROTOTYPE_INITS", "CVR_MODES", "CENTER_ESTIMATES", "GATE_RULES", "GATE_SCORES",
+    "HEADS", "PROTOTYPE_INITS", "CVR_MODES", "OFFLINE_STREAMS", "CENTER_ESTIMATES", "GATE_RULES", "GATE_SCORES",
     "ENSEMBLE_MODES",
 ]
 
 HEADS = ("mlp", "linear", "identity")
 PROTOTYPE_INITS = ("random", "base_kmeans")
 CVR_MODES = ("drift", "norm", "both", "none")
+OFFLINE_STREAMS = ("ema", "stop_grad", "symmetric")
 CENTER_ESTIMATES = ("batch", "ema")
 GATE_RULES = ("none", "alternate", "cv_signal")
 GATE_SCORES = ("relative_change", "value")
@@ -229,10 +240,14 @@ class UpStepObjective(nn.Module):
     mode, used for the base center vector and the evaluation ensemble); then LoRA is injected into
     ``model`` **in place** (:func:`apply_upstep_lora`) and it becomes ``self.model``.
 
-    Per step (published scheme, our concrete formulas): both views go through the adapted backbone ->
-    projection head -> L2 normalisation -> scores against the fixed unit prototypes; Sinkhorn-Knopp codes
-    of each view are predicted from the other view's scores (lightly's ``SwaVLoss``: cross-entropy with
-    ``temperature``). CVR adds ``cvr_weight * R`` with R from ``cvr``. Logs: ``loss_cluster``,
+    Per step (published scheme, our concrete formulas): each view goes through a stream (backbone ->
+    projection head -> L2 normalisation -> scores against the fixed unit prototypes). ``offline_stream=
+    "symmetric"``: both views through the adapted (online) stream, the Sinkhorn-Knopp codes of each view
+    predicted from the other view's scores (lightly's ``SwaVLoss``: cross-entropy with ``temperature``).
+    ``"stop_grad"`` / ``"ema"``: the first view through the online stream, the second through the offline
+    stream without gradient (``"stop_grad"``: the online weights; ``"ema"``: their EMA copy, ``offline_model``
+    and ``offline_head``); the online scores predict the offline view's codes (one cross-entropy). CVR adds
+    ``cvr_weight * R`` with R from ``cvr``. Logs: ``loss_cluster``,
     ``loss_cvr``, ``cv_norm`` (adapted), ``cv_norm_base``, ``cv_drift`` (= ||c_a - c_b||^2 of the
     estimates), ``cv_cos`` (cosine of c_a and c_b), ``clusters_used`` (distinct arg-max prototypes).
 
@@ -252,12 +267,21 @@ class UpStepObjective(nn.Module):
         kmeans_iters: Lloyd iterations for ``"base_kmeans"``.
         temperature: softmax temperature of the swapped prediction. Our choice: SwAV's 0.1.
         sinkhorn_iterations, sinkhorn_epsilon: Sinkhorn-Knopp settings. Our choice: SwAV's 3 / 0.05.
-        cvr: ``"drift"`` (||c_a - c_b||^2, against forgetting), ``"norm"`` (||c_a||^2, against collapse),
-            ``"both"`` (sum), ``"none"``. Published: *that* CVR exists; the formula is our choice,
-            default ``"drift"``.
-        cvr_weight: weight of the CVR term. Our choice: 1.0. Scale note: ``cv_drift`` is a squared
-            difference of two means of unit vectors, about 1e-4 after a few steps on a tiny random ViT,
-            so at 1.0 the drift term barely acts; sweep it where forgetting is measured.
+        cvr: ``"norm"`` (||c_a||^2: the centre vector's magnitude, which the record ties to performance;
+            arXiv 2402.14957 defines c and argues self-supervised learning minimises its norm), ``"drift"``
+            (||c_a - c_b||^2, against forgetting), ``"both"`` (sum), ``"none"``. Published: *that* CVR
+            exists; the formula is our choice, default ``"norm"``.
+        cvr_weight: weight of the CVR term. Our choice: 1.0: ``||c_a||^2`` lies in [0, 1] (a mean of unit
+            vectors), so at weight 1 the term is at most 1 against a clustering loss of about ln(n_prototypes)
+            and cannot dominate it. (``cv_drift`` is far smaller, ~1e-4 after a few steps on a tiny random
+            ViT: with ``"drift"`` use a weight of ~100, as the experiment configs did.)
+        offline_stream: ``"ema"`` (the offline stream is an EMA copy of the online backbone, LoRA included,
+            and head, updated by :meth:`on_step` after every optimizer step), ``"stop_grad"`` (the online
+            weights without gradient), ``"symmetric"`` (no offline stream: both views back-propagate).
+            Published: two streams, "online" and "offline", identical in architecture, both LoRA-adapted
+            (a figure caption); the update of the offline one is our choice, default ``"ema"`` (the BYOL
+            reading of those names).
+        offline_momentum: EMA momentum of the ``"ema"`` offline stream. Our choice: 0.99.
         center_estimate: ``"batch"`` (centres of the current batch) or ``"ema"`` (a :class:`RunningCenter`
             per model, gradient through the current batch only). Our choice: ``"batch"``.
         center_momentum: EMA momentum of the running centres (also logged as ``cv_norm_ema``).
@@ -268,8 +292,9 @@ class UpStepObjective(nn.Module):
                  head: str = "mlp", head_hidden_dim: int = 2048, head_out_dim: int = 128,
                  n_prototypes: int = 256, prototype_init: str = "random", init_images: Tensor | None = None,
                  kmeans_iters: int = 10, temperature: float = 0.1, sinkhorn_iterations: int = 3,
-                 sinkhorn_epsilon: float = 0.05, cvr: str = "drift", cvr_weight: float = 1.0,
-                 center_estimate: str = "batch", center_momentum: float = 0.9, seed: int = 0):
+                 sinkhorn_epsilon: float = 0.05, cvr: str = "norm", cvr_weight: float = 1.0,
+                 center_estimate: str = "batch", center_momentum: float = 0.9, offline_stream: str = "ema",
+                 offline_momentum: float = 0.99, seed: int = 0):
         super().__init__()
         from lightly.loss import SwaVLoss
         from lightly.models.modules import SwaVProjectionHead
@@ -278,6 +303,10 @@ class UpStepObjective(nn.Module):
         _choice("prototype_init", prototype_init, PROTOTYPE_INITS)
         _choice("cvr", cvr, CVR_MODES)
         _choice("center_estimate", center_estimate, CENTER_ESTIMATES)
+        _choice("offline_stream", offline_stream, OFFLINE_STREAMS)
+        numeric = isinstance(offline_momentum, (int, float)) and not isinstance(offline_momentum, bool)
+        if not numeric or not 0.0 <= offline_momentum < 1.0:
+            raise ValueError(f"offline_momentum={offline_momentum!r} is not valid; it must be a number in [0, 1)")
         if not isinstance(n_prototypes, int) or n_prototypes < 2:
             raise ValueError(f"n_prototypes={n_prototypes!r} is not valid; it must be an integer >= 2")
         _positive("temperature", temperature)
@@ -288,6 +317,7 @@ class UpStepObjective(nn.Module):
                              f"N >= n_prototypes={n_prototypes}); or use prototype_init='random'")
         self.head_kind, self.prototype_init, self.cvr, self.cvr_weight = head, prototype_init, cvr, cvr_weight
         self.center_estimate = center_estimate
+        self.offline_stream, self.offline_momentum = offline_stream, float(offline_momentum)
 
         base = copy.deepcopy(model)
         for p in base.parameters():
@@ -316,6 +346,11 @@ class UpStepObjective(nn.Module):
         self.register_buffer("prototypes", protos)
         self.center_adapted = RunningCenter(dim, center_momentum)
         self.center_base = RunningCenter(dim, center_momentum)
+        if offline_stream == "ema":         # frozen copies: in the state dict (checkpoints, resume), never trained
+            self.offline_model, self.offline_head = copy.deepcopy(self.model), copy.deepcopy(self.head)
+            for p in [*self.offline_model.parameters(), *self.offline_head.parameters()]:
+                p.requires_grad_(False)
+        self._backward_seen = False
 
     @torch.no_grad()
     def _kmeans_prototypes(self, images: Tensor, k: int, iters: int, gen: torch.Generator) -> Tensor:
@@ -337,19 +372,41 @@ class UpStepObjective(nn.Module):
         self.base.eval()          # the base model never leaves eval mode
         return self
 
+    def _scores(self, h: Tensor) -> Tensor:
+        return F.normalize(h.float(), dim=1) @ self.prototypes.T.float()
+
     def forward(self, batch) -> tuple[Tensor, dict]:
+        from lightly.loss.swav_loss import sinkhorn
+
         v1, v2 = _views(batch)
         x = torch.cat([v1, v2])
-        f = backbone_features(self.model, x)
-        h = self.head(f)
+        if self.offline_stream == "symmetric":
+            f = backbone_features(self.model, x)
+            h = self.head(f)
+            f_center, x_center = f, x
+        else:                               # v1 online (with gradient), v2 offline (without)
+            f = backbone_features(self.model, v1)
+            h = self.head(f)
+            model, head = (self.model, self.head) if self.offline_stream == "stop_grad" else \
+                (self.offline_model, self.offline_head)
+            with torch.no_grad():
+                h_off = head(f_off := backbone_features(model, v2))
+            # the centre of the adapted weights: both views with stop_grad (one of them without gradient),
+            # the online view only with ema (the offline features are the EMA copy's)
+            f_center, x_center = (torch.cat([f, f_off]), x) if self.offline_stream == "stop_grad" else (f, v1)
         with torch.autocast(device_type=h.device.type, enabled=False):   # Sinkhorn's exp(s / eps) in fp32
-            z = F.normalize(h.float(), dim=1)
-            scores = z @ self.prototypes.T.float()
-            s1, s2 = scores.chunk(2)
-            loss_cluster = self.loss([s1, s2], []).reshape(())
+            scores = self._scores(h)
+            if self.offline_stream == "symmetric":
+                loss_cluster = self.loss(list(scores.chunk(2)), []).reshape(())
+            else:
+                s_off = self._scores(h_off)
+                codes = sinkhorn(s_off, self.loss.sinkhorn_iterations, self.loss.sinkhorn_epsilon,
+                                 self.loss.sinkhorn_gather_distributed)
+                loss_cluster = self.loss.subloss(scores, codes).reshape(())
+                scores = torch.cat([scores, s_off])
         with torch.no_grad():
-            fb = backbone_features(self.base, x)
-        c_a, c_b = center_vector(f), center_vector(fb).detach()
+            fb = backbone_features(self.base, x_center)
+        c_a, c_b = center_vector(f_center), center_vector(fb).detach()
         if self.center_estimate == "ema":
             c_a_est, c_b_est = self.center_adapted(c_a), self.center_base(c_b)
         else:
@@ -368,6 +425,8 @@ class UpStepObjective(nn.Module):
         else:
             loss_cvr = drift.detach() * 0.0
         loss = loss_cluster + self.cvr_weight * loss_cvr
+        if loss.requires_grad:              # tells on_step that this step back-propagated
+            loss.register_hook(self._saw_backward)
         with torch.no_grad():
             logs = {
                 "loss_cluster": loss_cluster.detach(), "loss_cvr": loss_cvr.detach(),
@@ -377,6 +436,31 @@ class UpStepObjective(nn.Module):
                 "clusters_used": torch.unique(scores.detach().argmax(1)).numel(),
             }
         return loss, logs
+
+    def _saw_backward(self, grad: Tensor) -> None:
+        self._backward_seen = True
+
+    @torch.no_grad()
+    def update_offline(self) -> None:
+        """EMA step of the ``"ema"`` offline stream: every trained tensor ``o <- m * o + (1 - m) * online``
+        (``m = offline_momentum``; the frozen ones are equal copies already), and the head's buffers (batch-norm
+        statistics) copied from the online head. Nothing for the other streams."""
+        if self.offline_stream != "ema":
+            return
+        m = self.offline_momentum
+        for off, on in ((self.offline_model, self.model), (self.offline_head, self.head)):
+            for po, p in zip(off.parameters(), on.parameters()):
+                if p.requires_grad:
+                    po.mul_(m).add_(p.detach(), alpha=1 - m)
+            for bo, b in zip(off.buffers(), on.buffers()):
+                bo.copy_(b)
+
+    def on_step(self, step: int, module: nn.Module | None = None) -> None:
+        """``on_step`` for ``vitadapt.train.fit``: after a step whose loss was back-propagated (an optimizer step),
+        :meth:`update_offline`; a skipped (gated) step has no optimizer step and leaves the offline stream as is."""
+        if self._backward_seen:
+            self._backward_seen = False
+            self.update_offline()
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
