@@ -86,10 +86,33 @@ def loader_options(num_workers: int = 0, pin_memory: bool = False, persistent_wo
             "persistent_workers": bool(persistent_workers) and num_workers > 0}
 
 
-def eval_transform(img_size: int):
+NORMALIZATIONS = ("imagenet", "half", "weights")
+
+
+def normalization(name: str = "imagenet", model: nn.Module | None = None) -> tuple[tuple, tuple]:
+    """``(mean, std)`` of an input normalisation: "imagenet" (ImageNet statistics, the default everywhere),
+    "half" (mean = std = 0.5, as the original ViT / RLRR code) or "weights" (the ``pretrained_cfg`` of ``model``,
+    the timm model the weights were loaded into)."""
+    if name not in NORMALIZATIONS:
+        raise ValueError(f"normalize={name!r} is not valid; valid values: {', '.join(map(repr, NORMALIZATIONS))}")
+    if name == "half":
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    if name == "weights":
+        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        if "mean" not in cfg or "std" not in cfg:
+            raise ValueError("normalize='weights' needs a timm model with a pretrained_cfg holding mean and std; "
+                             "use normalize='imagenet' or 'half'")
+        return tuple(cfg["mean"]), tuple(cfg["std"])
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def eval_transform(img_size: int, norm: tuple[tuple, tuple] | None = None):
+    """PIL -> tensor: resize to ``img_size`` square (bicubic), normalise with ``norm`` = (mean, std) (default
+    ImageNet's; :func:`normalization`)."""
     from torchvision import transforms as T
+    mean, std = norm or (IMAGENET_MEAN, IMAGENET_STD)
     return T.Compose([T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                      T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                      T.ToTensor(), T.Normalize(mean, std)])
 
 
 class Transformed(Dataset):

