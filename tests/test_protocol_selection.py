@@ -101,3 +101,22 @@ def test_figure_draws_clean_beside_official_only_where_both_exist():
     fig = selection.figure(df, "variant")
     assert [a.get_title() for a in fig.axes if a.get_title()] == ["kNN"]
     assert selection.figure(df[df["eval"] == "kNN"], "variant") is None
+
+
+def test_compare_adds_the_official_evaluator_chosen_on_val_when_it_was_scored():
+    df = pd.DataFrame([{"variant": "explora", "seed": s, "eval": e, "test_acc": a}
+                       for s in (0, 1) for e, a in (("linear probe", 0.50), ("linear probe (official)", 0.60 + 0.01 * s),
+                                                    ("linear probe (official harness, chosen on val)", 0.56))])
+    assert selection.family("linear probe (official harness, chosen on val)") == "linear probe"
+    assert selection.kind("kNN (official settings, chosen on val)") == selection.VAL
+    t = selection.compare(df, "variant")
+    assert list(t.columns) == ["clean", "official", selection.VAL, "official - clean", "official - official on val",
+                               "seeds"]
+    assert t.loc[("explora", "linear probe"), "official - official on val"] == "4.5 ± 0.7"
+    assert selection.gap_summary(df, "variant")["explora | linear probe"]["official_on_val"] == pytest.approx(0.56)
+
+
+def test_compare_keeps_the_order_of_the_rows():
+    df = pd.DataFrame([{"variant": v, "seed": 0, "eval": e, "test_acc": 0.5}
+                       for v in ("frozen", "explora", "block_only") for e in ("kNN", "kNN (official)")])
+    assert [v for v, _ in selection.compare(df, "variant").index] == ["frozen", "explora", "block_only"]

@@ -184,8 +184,8 @@ def test_student_drop_path_and_teacher_without(batch):
 @pytest.mark.parametrize("notebook", ["10_explora_dinov2", "12_explora_ablations"])
 def test_paper_profile_has_the_official_values(notebook):
     cfg = build_config(ExploraConfig, "paper", notebook, dry_run="yes")
-    assert cfg.pretrain_batch_size * cfg.devices * cfg.accumulate_grad_batches == 1024
-    assert (cfg.pretrain_batch_size, cfg.devices, cfg.accumulate_grad_batches) == (8, 4, 32)
+    assert cfg.pretrain_batch_size * cfg.devices * cfg.pretrain_accumulate == 1024 and cfg.accumulate_grad_batches == 1
+    assert (cfg.pretrain_batch_size, cfg.devices, cfg.pretrain_accumulate) == (8, 4, 32)
     assert (cfg.pretrain_lr, cfg.pretrain_min_lr) == (1e-3, 1e-6)
     assert (cfg.pretrain_weight_decay, cfg.pretrain_weight_decay_end) == (0.04, 0.4)
     assert (cfg.layer_decay, cfg.patch_embed_lr_mult) == (0.9, 0.2)
@@ -210,3 +210,18 @@ def test_recipe_rows_name_real_config_fields():
     assert not [n for r in rows for n in r.field.split(", ") if n and n not in fields]
     cfg = build_config(ExploraConfig, "paper", "10_explora_dinov2", dry_run="yes")
     assert "layer_decay=0.9" in recipe_table("ExPLoRA", cfg, ["pre-training (DinoV2)"]).to_string()
+
+
+def test_pretraining_accumulates_alone_and_the_fine_tune_keeps_the_official_batch():
+    """The official DinoV2 run accumulates 32 batches (accum_iter) in pre-training only: the paper profile's fine-tune
+    stays at 32 per device x 4 devices = 128 (a run-wide accumulate_grad_batches would have made it 4,096)."""
+    from vitadapt.config import build_config
+    from vitadapt.experiments.explora import ExploraConfig
+    from vitadapt.ssl import continued
+    cfg = build_config(ExploraConfig, "paper", "10_explora_dinov2", dry_run="yes")
+    assert cfg.ft_batch_size * cfg.devices * cfg.accumulate_grad_batches == 128
+    assert cfg.pretrain_accumulate == 32
+    small = build_config(ExploraConfig, "smoke", "10_explora_dinov2")
+    assert "accumulate" not in continued.fit_hooks(small, torch.nn.Linear(2, 2), steps=10)
+    assert continued.fit_hooks(dataclasses.replace(small, pretrain_accumulate=32), torch.nn.Linear(2, 2),
+                               steps=10)["accumulate"] == 32

@@ -289,6 +289,77 @@ def recipe_table(paper: str, cfg=None, parts=None) -> pd.DataFrame:
     return out.set_index(["part", "value"]) if len(out) else out
 
 
+# ---- ExPLoRA's DinoV2 extended pre-training recipe, value by value (issue 13) ---------------------------------------
+
+_PD, _XS = "pre-training (DinoV2)", "samar-khanna/ExPLoRA: scripts/pretrain_dino.sh"
+_DC = "samar-khanna/ExPLoRA: linprobe/configs/ssl_default_config.yaml (DINOv2's default config)"
+_DT, _DP = "facebookresearch/dinov2: dinov2/train/train.py", "facebookresearch/dinov2: dinov2/utils/param_groups.py"
+_DM = "facebookresearch/dinov2: dinov2/train/ssl_meta_arch.py"
+_NP = "ExPLoRA's fMoW config (dinov2/configs/train/fmow_vitl14.yaml) is not public: "
+RECIPES["ExPLoRA"] += [RecipeValue(_PD, *row) for row in (
+    ("optimiser", "", "AdamW", _DT),
+    ("betas", "pretrain_beta2", "(0.9, 0.999)", _DC),
+    ("learning rate", "pretrain_lr", "base_lr 1e-3 (DINOv2's default 4e-3 overridden)", _XS),
+    ("learning-rate rule", "pretrain_lr, pretrain_batch_size, devices, pretrain_accumulate, accumulate_grad_batches",
+     "sqrt_wrt_1024: lr = base_lr x sqrt(batch_size_per_gpu x GPUs / 1024); whether ExPLoRA's loop counts accum_iter "
+     "in it is not public", _DC,
+     "lr = base_lr = 1e-3: the official run is named bs1024lr0.001 and its effective batch (8 x 4 x 32) is 1024, "
+     "where the rule's factor is 1 (it would be sqrt(32/1024) if accum_iter were not counted)"),
+    ("warm-up", "pretrain_warmup", "warmup_epochs 10 (DINOv2 default; 12,500 iterations at 1,250 per epoch)", _DC,
+     _NP + "1,000 of our 20,000 steps"),
+    ("schedule", "pretrain_warmup, pretrain_min_lr, layer_decay",
+     "linear warm-up from 0, then cosine to min_lr (CosineScheduler); the same for the last layer after its freeze",
+     _DT),
+    ("minimum learning rate", "pretrain_min_lr", "1e-6", _DC),
+    ("weight decay (start)", "pretrain_weight_decay", "0.04", _DC),
+    ("weight decay (end)", "pretrain_weight_decay_end", "0.4, cosine over the whole run", _DT),
+    ("no weight decay on", "layer_decay", "names ending .bias or holding 'norm' or 'gamma' (LayerScale)", _DP),
+    ("layer-wise LR decay", "layer_decay",
+     "0.9: x 0.9^(L + 1 - layer id); embeddings, tokens, mask token layer 0, block i layer i + 1, final norm and "
+     "the heads x 1", _DP),
+    ("patch-embed LR multiplier", "patch_embed_lr_mult", "0.2 (ExPLoRA freezes the patch embedding: no effect)", _DC),
+    ("gradient clipping", "grad_clip, grad_clip_mode", "3.0, each student part (backbone, DINO head, iBOT head) alone",
+     _DT),
+    ("freeze last layer", "freeze_last_layer_steps", "freeze_last_layer_epochs 3 (DINOv2 default 1)", _XS,
+     "the epoch length is not public: 3 x 1,250 (DINOv2's OFFICIAL_EPOCH_LENGTH) = 3,750 optimizer steps; inside the "
+     "window the layer's gradients are dropped (AdamW skips it) where DINOv2 sets its LR to 0"),
+    ("student drop-path", "pretrain_drop_path", "not public for fMoW; DINOv2 default drop_path_rate 0.3, uniform over "
+     "the blocks (drop_path_uniform)", _DC,
+     "0.3, DINOv2's default (named choice); our rate rises linearly over the blocks (vit.set_drop_path, timm's rule) "
+     "where DINOv2's is uniform; the teacher runs without"),
+    ("KoLeo weight", "", "0.1", _DC),
+    ("KoLeo reduction", "", "summed over the two global crops", _DM),
+    ("DINO / iBOT weights", "", "1.0 / 1.0", _DC),
+    ("iBOT masking", "", "mask probability 0.5, ratio 0.1-0.5 per masked crop", _DC),
+    ("prototypes", "n_prototypes", "65,536, one head shared by DINO and iBOT (separate_head: false)", _DC),
+    ("head sizes", "head_hidden_dim, head_bottleneck_dim", "3 layers, hidden 2048, bottleneck 256", _DC),
+    ("teacher temperature", "teacher_temp_warmup_steps", "0.04 -> 0.07, linear over 30 epochs", _DC,
+     _NP + "30 epochs (37,500 iterations) exceed our 20,000 steps; 2,000 steps"),
+    ("teacher momentum", "teacher_momentum", "0.992 -> 1, cosine over the whole run", _DT),
+    ("teacher normalisation", "centering", "centering", _DC),
+    ("global crops", "img_size, global_scale_min", "2 at 224 px, scale 0.32-1.0", _DC),
+    ("local crops", "n_local_crops, local_size, local_scale_max",
+     "8 at 98 px (ViT/14 fMoW: samar-khanna/ExPLoRA linprobe/configs/fmow_vitl14.yaml; DINOv2 96), scale 0.05-0.32",
+     _DC),
+    ("batch", "pretrain_batch_size, devices, pretrain_accumulate",
+     "8 per GPU x 4 GPUs x accum_iter 32 = 1024", _XS),
+    ("length", "pretrain_steps", "not public (DINOv2 default 100 epochs x 1,250)", _DC,
+     _NP + "20,000 optimizer steps of 1024 images (our choice)"),
+    ("precision", "precision", "fp16 with a gradient scaler", _DC,
+     "the Fabric precision of the run (per-module clipping acts on unscaled gradients only with bf16 or fp32)"),
+    ("LoRA rank", "rank", "64", _XS),
+    ("LoRA alpha", "lora_alpha", "1 (scaling 1 / rank)", "REFERENCE.md section 1 (ExPLoRA's vit_lora_util.py)"),
+    ("unfrozen blocks", "unfreeze", "[23], the last of ViT-L's 24", _XS),
+    ("unfrozen CLS token", "", "true (lora.unfreeze_cls_token)", _XS),
+    ("LoRA targets", "targets", "Q and V", "REFERENCE.md section 1 (ExPLoRA's vit_lora_util.py)"),
+    ("mask token", "mask_token", "the DinoV2 checkpoint's, frozen", "issue 13 (ExPLoRA's dinov2 training code)",
+     "loaded only from a local official DINOv2 .pth given as weights; timm's hub weights (the paper profile's "
+     "dinov2_vitl14) carry none, so the frozen token is zeros there (the starting-point sentence says which)"),
+    ("weights evaluated", "eval_weights", "the teacher (checkpoint_key: teacher) or its encoder-only export",
+     "samar-khanna/ExPLoRA: linprobe/configs/fmow_vitl14.yaml"),
+)]
+
+
 # ---- ExPLoRA: the official linear-probe harness and kNN (protocol/official_probe.py) -------------------------------
 _LP, _KNN = "linear probe (official harness)", "kNN (official)"
 _LIN, _KNNPY = "samar-khanna/ExPLoRA: linprobe/linear.py", "samar-khanna/ExPLoRA: linprobe/knn.py"
@@ -360,77 +431,6 @@ RECIPES["ExPLoRA"] += [RecipeValue(part, *row) for part, row in [
             "best on our val split, scored on test")),
 ]]
 
-
-# ---- ExPLoRA's DinoV2 extended pre-training recipe, value by value (issue 13) ---------------------------------------
-
-_PD, _XS = "pre-training (DinoV2)", "samar-khanna/ExPLoRA: scripts/pretrain_dino.sh"
-_DC = "samar-khanna/ExPLoRA: linprobe/configs/ssl_default_config.yaml (DINOv2's default config)"
-_DT, _DP = "facebookresearch/dinov2: dinov2/train/train.py", "facebookresearch/dinov2: dinov2/utils/param_groups.py"
-_DM = "facebookresearch/dinov2: dinov2/train/ssl_meta_arch.py"
-_NP = "ExPLoRA's fMoW config (dinov2/configs/train/fmow_vitl14.yaml) is not public: "
-RECIPES["ExPLoRA"] += [RecipeValue(_PD, *row) for row in (
-    ("optimiser", "", "AdamW", _DT),
-    ("betas", "pretrain_beta2", "(0.9, 0.999)", _DC),
-    ("learning rate", "pretrain_lr", "base_lr 1e-3 (DINOv2's default 4e-3 overridden)", _XS),
-    ("learning-rate rule", "pretrain_lr, pretrain_batch_size, devices, accumulate_grad_batches",
-     "sqrt_wrt_1024: lr = base_lr x sqrt(batch_size_per_gpu x GPUs / 1024); whether ExPLoRA's loop counts accum_iter "
-     "in it is not public", _DC,
-     "lr = base_lr = 1e-3: the official run is named bs1024lr0.001 and its effective batch (8 x 4 x 32) is 1024, "
-     "where the rule's factor is 1 (it would be sqrt(32/1024) if accum_iter were not counted)"),
-    ("warm-up", "pretrain_warmup", "warmup_epochs 10 (DINOv2 default; 12,500 iterations at 1,250 per epoch)", _DC,
-     _NP + "1,000 of our 20,000 steps"),
-    ("schedule", "pretrain_warmup, pretrain_min_lr, layer_decay",
-     "linear warm-up from 0, then cosine to min_lr (CosineScheduler); the same for the last layer after its freeze",
-     _DT),
-    ("minimum learning rate", "pretrain_min_lr", "1e-6", _DC),
-    ("weight decay (start)", "pretrain_weight_decay", "0.04", _DC),
-    ("weight decay (end)", "pretrain_weight_decay_end", "0.4, cosine over the whole run", _DT),
-    ("no weight decay on", "layer_decay", "names ending .bias or holding 'norm' or 'gamma' (LayerScale)", _DP),
-    ("layer-wise LR decay", "layer_decay",
-     "0.9: x 0.9^(L + 1 - layer id); embeddings, tokens, mask token layer 0, block i layer i + 1, final norm and "
-     "the heads x 1", _DP),
-    ("patch-embed LR multiplier", "patch_embed_lr_mult", "0.2 (ExPLoRA freezes the patch embedding: no effect)", _DC),
-    ("gradient clipping", "grad_clip, grad_clip_mode", "3.0, each student part (backbone, DINO head, iBOT head) alone",
-     _DT),
-    ("freeze last layer", "freeze_last_layer_steps", "freeze_last_layer_epochs 3 (DINOv2 default 1)", _XS,
-     "the epoch length is not public: 3 x 1,250 (DINOv2's OFFICIAL_EPOCH_LENGTH) = 3,750 optimizer steps; inside the "
-     "window the layer's gradients are dropped (AdamW skips it) where DINOv2 sets its LR to 0"),
-    ("student drop-path", "pretrain_drop_path", "not public for fMoW; DINOv2 default drop_path_rate 0.3, uniform over "
-     "the blocks (drop_path_uniform)", _DC,
-     "0.3, DINOv2's default (named choice); our rate rises linearly over the blocks (vit.set_drop_path, timm's rule) "
-     "where DINOv2's is uniform; the teacher runs without"),
-    ("KoLeo weight", "", "0.1", _DC),
-    ("KoLeo reduction", "", "summed over the two global crops", _DM),
-    ("DINO / iBOT weights", "", "1.0 / 1.0", _DC),
-    ("iBOT masking", "", "mask probability 0.5, ratio 0.1-0.5 per masked crop", _DC),
-    ("prototypes", "n_prototypes", "65,536, one head shared by DINO and iBOT (separate_head: false)", _DC),
-    ("head sizes", "head_hidden_dim, head_bottleneck_dim", "3 layers, hidden 2048, bottleneck 256", _DC),
-    ("teacher temperature", "teacher_temp_warmup_steps", "0.04 -> 0.07, linear over 30 epochs", _DC,
-     _NP + "30 epochs (37,500 iterations) exceed our 20,000 steps; 2,000 steps"),
-    ("teacher momentum", "teacher_momentum", "0.992 -> 1, cosine over the whole run", _DT),
-    ("teacher normalisation", "centering", "centering", _DC),
-    ("global crops", "img_size, global_scale_min", "2 at 224 px, scale 0.32-1.0", _DC),
-    ("local crops", "n_local_crops, local_size, local_scale_max",
-     "8 at 98 px (ViT/14 fMoW: samar-khanna/ExPLoRA linprobe/configs/fmow_vitl14.yaml; DINOv2 96), scale 0.05-0.32",
-     _DC),
-    ("batch", "pretrain_batch_size, devices, accumulate_grad_batches",
-     "8 per GPU x 4 GPUs x accum_iter 32 = 1024", _XS),
-    ("length", "pretrain_steps", "not public (DINOv2 default 100 epochs x 1,250)", _DC,
-     _NP + "20,000 optimizer steps of 1024 images (our choice)"),
-    ("precision", "precision", "fp16 with a gradient scaler", _DC,
-     "the Fabric precision of the run (per-module clipping acts on unscaled gradients only with bf16 or fp32)"),
-    ("LoRA rank", "rank", "64", _XS),
-    ("LoRA alpha", "lora_alpha", "1 (scaling 1 / rank)", "REFERENCE.md section 1 (ExPLoRA's vit_lora_util.py)"),
-    ("unfrozen blocks", "unfreeze", "[23], the last of ViT-L's 24", _XS),
-    ("unfrozen CLS token", "", "true (lora.unfreeze_cls_token)", _XS),
-    ("LoRA targets", "targets", "Q and V", "REFERENCE.md section 1 (ExPLoRA's vit_lora_util.py)"),
-    ("mask token", "mask_token", "the DinoV2 checkpoint's, frozen", "issue 13 (ExPLoRA's dinov2 training code)",
-     "loaded only from a local official DINOv2 .pth given as weights; timm's hub weights (the paper profile's "
-     "dinov2_vitl14) carry none, so the frozen token is zeros there (the starting-point sentence says which)"),
-    ("weights evaluated", "eval_weights", "the teacher (checkpoint_key: teacher) or its encoder-only export",
-     "samar-khanna/ExPLoRA: linprobe/configs/fmow_vitl14.yaml"),
-)]
-
 # ---- ExPLoRA: MAE pre-training and the LoRA fine-tune (issue 13, E6/E7) -----------------------------------------
 # Read in the code index (samar-khanna/ExPLoRA): scripts/pretrain_mae.sh, mae/pretrain.py, vit_lora_util.py,
 # train_lora_util.py, scripts/finetune.sh, finetune/finetune.py and the RGB datasets.py they import (the index holds
@@ -489,8 +489,8 @@ RECIPES["ExPLoRA"] += [RecipeValue(_FT, *row) for row in [
     ("head init", "ft_head_init, ft_head_init_std", "trunc_normal_(head.weight, std=2e-5), bias 0", _FT_PY),
     ("learning rate", "ft_lrs", "blr 1e-3 x 128 / 256 = 5e-4", _FT_SH),
     ("batch", "ft_batch_size, devices, accumulate_grad_batches", "32 per GPU x 2 accumulated x 2 GPUs = 128", _FT_SH,
-     "the same 128 as 32 per device x 4 devices (notebook 11); with notebook 10's accumulate_grad_batches the "
-     "fine-tune accumulates too (see its config)"),
+     "the same 128 as 32 per device x 4 devices, no accumulation (the pre-training's accumulation is its own: "
+     "pretrain_accumulate)"),
     ("epochs", "ft_epochs", "120", _FT_SH),
     ("warm-up", "ft_warmup_epochs", "5 epochs (--warmup_epochs default), per-iteration linear", _FT_PY),
     ("schedule", "", "half-cycle cosine to min_lr 1e-6", _FT_PY,

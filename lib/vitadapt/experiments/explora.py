@@ -41,7 +41,7 @@ from vitadapt.jobs import checkpoint_every_s, diverged_row
 from vitadapt.paths import resolve
 from vitadapt.peft.common import count_total, count_trainable
 from vitadapt.peft.explora import apply_explora, parse_targets, parse_unfreeze, targets_label, unfreeze_label
-from vitadapt.protocol import counts, grid, lora_eval, probe, report, selection, setup, tables
+from vitadapt.protocol import counts, grid, lora_eval, official_probe, probe, report, selection, setup, tables
 from vitadapt.protocol.counts import explora_recipe as paper_counts  # noqa: F401  (the notebooks' name)
 from vitadapt.ssl import continued
 from vitadapt.vit import meta_vit
@@ -61,7 +61,7 @@ LOSSES = ("loss", "dino", "ibot", "koleo", "mse")
 
 @dataclass
 class ExploraConfig(ExperimentConfig, continued.PretrainSettings, lora_eval.LoraFinetuneSettings,
-                    selection.ProtocolSettings):
+                    selection.ProtocolSettings, official_probe.OfficialProbeSettings):
     """ExPLoRA's extended pre-training and its comparisons (notebooks 10, 11) and ablations (notebook 12)."""
 
     variants: tuple = opt(tuple(VARIANTS), "Variants compared (10, 11): frozen, explora, lora_only, block_only, full.",
@@ -229,8 +229,7 @@ def evaluate_variant(cfg: ExploraConfig, model: nn.Module, info: dict, seed: int
     splits = splits or setup.labelled(cfg, seed)
     rows = on_rank0(fabric, lambda: probe.frozen_eval(cfg, model, info, splits, seed)) if selection.clean(cfg) else []
     if selection.official(cfg):
-        from vitadapt.protocol.official_probe import official_rows
-        rows += on_rank0(fabric, lambda: official_rows(cfg, model, info, splits, seed))
+        rows += on_rank0(fabric, lambda: official_probe.official_rows(cfg, model, info, splits, seed))
     if cfg.finetune if finetune is None else finetune:
         try:
             with job(eval="fine-tune"):
@@ -248,8 +247,8 @@ def eval_names(cfg: ExploraConfig, frozen: bool = True) -> list[str]:
     if frozen and selection.clean(cfg):
         out += ["linear probe", "kNN"]
     if frozen and selection.official(cfg):
-        from vitadapt.protocol.official_probe import OFFICIAL_KNN, OFFICIAL_LP, OFFICIAL_LP_VAL
-        out += [OFFICIAL_LP, OFFICIAL_LP_VAL, OFFICIAL_KNN]
+        op = official_probe
+        out += [op.OFFICIAL_LP, op.OFFICIAL_LP_VAL, op.OFFICIAL_KNN, op.OFFICIAL_KNN_VAL]
     if cfg.finetune:
         out += ([ft] if selection.clean(cfg) else []) + ([selection.official_name(ft)] if selection.official(cfg) else [])
     return out

@@ -25,6 +25,7 @@ from vitadapt.config import opt
 
 PROTOCOLS = ("clean", "official", "both")
 OFFICIAL = " (official)"
+VAL = "official, chosen on val"
 
 
 @dataclass
@@ -50,8 +51,17 @@ def official_name(name: str) -> str:
 
 
 def family(name: str) -> str:
-    """The shared name of an evaluation, clean or official (``"kNN (official)"`` -> ``"kNN"``)."""
-    return name[: -len(OFFICIAL)] if name.endswith(OFFICIAL) else name
+    """The shared name of an evaluation, clean or official (``"kNN (official)"`` -> ``"kNN"``, ``"linear probe
+    (official harness, chosen on val)"`` -> ``"linear probe"``)."""
+    return name.split(" (official", 1)[0]
+
+
+def kind(name: str) -> str:
+    """``"official"`` (the authors' choice on test), ``"official, chosen on val"`` (the official evaluator with our
+    rule) or ``"clean"``."""
+    if name.endswith(OFFICIAL):
+        return "official"
+    return "official, chosen on val" if " (official" in name else "clean"
 
 
 def fine_tune_rows(cfg, row: dict, best: float | None, best_note: str = "") -> list[dict]:
@@ -71,7 +81,7 @@ def _pairs(df: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame | None:
     """(``by``, family, seed) x {clean, official} values of the evaluations that have both; None when none has."""
     if df is None or not len(df) or "eval" not in df:
         return None
-    d = df.assign(family=df["eval"].map(family), kind=np.where(df["eval"].str.endswith(OFFICIAL), "official", "clean"))
+    d = df.assign(family=df["eval"].map(family), kind=df["eval"].map(kind))
     wide = d.pivot_table(index=[*by, "family", "seed"], columns="kind", values=value, aggfunc="first", dropna=False)
     if not {"clean", "official"} <= set(wide.columns):
         return None
@@ -81,7 +91,9 @@ def _pairs(df: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame | None:
 
 def compare(df: pd.DataFrame, by: str | list[str], value: str = "test_acc", scale: float = 100.0) -> pd.DataFrame:
     """Clean beside official for every (``by``, evaluation) that has both, mean ± std over seeds (points), and their
-    paired difference official - clean per seed (mean ± std): how much choosing on test inflates the number. Rows
+    paired difference official - clean per seed (mean ± std): how much choosing on test inflates the number. Where
+    the official evaluator was also scored with its choice made on val (``"... (official harness, chosen on val)"``),
+    that column and official - it: the inflation from test selection alone, with the evaluator held fixed. Rows
     whose value is NaN (diverged) drop out of their pair. Empty when no evaluation has both."""
     by = [by] if isinstance(by, str) else list(by)
     wide = _pairs(df, by, value)
@@ -89,11 +101,18 @@ def compare(df: pd.DataFrame, by: str | list[str], value: str = "test_acc", scal
         return pd.DataFrame()
     wide = wide * scale
     wide["official - clean"] = wide["official"] - wide["clean"]
+    cols = ["clean", "official", "official - clean"]
+    if VAL in wide:                  # the official evaluator with its choice made on val: test selection alone
+        wide["official - official on val"] = wide["official"] - wide[VAL]
+        cols[2:2] = [VAL]
+        cols.append("official - official on val")
     g = wide.groupby(level=[*by, "family"], sort=False)
-    fmt = lambda m, s, n: f"{m:.1f} ± {s:.1f}" if n > 1 else f"{m:.1f}"  # noqa: E731
+    fmt = lambda m, s, n: "-" if n == 0 else f"{m:.1f} ± {s:.1f}" if n > 1 else f"{m:.1f}"  # noqa: E731
     out = pd.DataFrame({col: [fmt(m, s, n) for m, s, n in zip(g[col].mean(), g[col].std().fillna(0), g[col].count())]
-                        for col in ("clean", "official", "official - clean")}, index=g.size().index)
+                        for col in cols}, index=g.size().index)
     out["seeds"] = g.size().values
+    seen = list(dict.fromkeys(zip(*[df[c] for c in by], df["eval"].map(family))))   # the rows' order in df
+    out = out.reindex([k for k in seen if k in out.index])
     out.index = out.index.rename([*by, "evaluation"])
     return out
 
@@ -110,7 +129,8 @@ def gap_summary(df: pd.DataFrame, by: str | list[str], value: str = "test_acc") 
         key = key if isinstance(key, tuple) else (key,)
         out[" | ".join(map(str, key))] = {"clean": float(grp["clean"].mean()), "official": float(grp["official"].mean()),
                                           "difference": float((grp["official"] - grp["clean"]).mean()),
-                                          "n": int(len(grp))}
+                                          "n": int(len(grp)),
+                                          **({"official_on_val": float(grp[VAL].mean())} if VAL in grp else {})}
     return out
 
 
@@ -120,9 +140,9 @@ def figure(df: pd.DataFrame, by: str, title: str = "", chance=None):
     from vitadapt.protocol.figures import bars
     if _pairs(df, [by], "test_acc") is None:
         return None
-    d = df.assign(evaluation=df["eval"].map(family),
-                  protocol=np.where(df["eval"].str.endswith(OFFICIAL), "official (chosen on test)",
-                                    "clean (chosen on val)"))
+    d = df[df["eval"].map(kind) != VAL]
+    d = d.assign(evaluation=d["eval"].map(family),
+                 protocol=np.where(d["eval"].str.endswith(OFFICIAL), "official (chosen on test)", "clean (chosen on val)"))
     both = d.groupby("evaluation")["protocol"].nunique()
     d = d[d["evaluation"].isin(both[both == 2].index)]
     fig = bars(d, by, panels="evaluation", hue="protocol", hue_order=["clean (chosen on val)",

@@ -51,6 +51,7 @@ class PretrainSettings:
     freeze_last_layer_steps: int = opt(0, "DinoV2: optimizer steps during which the heads' prototype (last) layer does not move (DINOv2: freeze_last_layer_epochs).", min=0)
     mask_token: Literal["trainable", "frozen"] = opt("trainable", "DinoV2: the iBOT mask token trains (new, zeros) or stays frozen (ExPLoRA: the checkpoint's, frozen; loaded when weights is a local .pth holding mask_token, else zeros).")
     pretrain_drop_path: float = opt(0.0, "DinoV2: student drop-path rate during the extended pre-training (DINOv2 default 0.3); the teacher runs without.", min=0.0, max=0.9)
+    pretrain_accumulate: int = opt(0, "Batches per optimizer step of the extended pre-training only (official DinoV2 run: accum_iter 32); 0 = the run's accumulate_grad_batches. The fine-tune and probes do not accumulate with it.", min=0, max=4096)
     grad_clip_mode: Literal["global", "per_module"] = opt("global", "DinoV2: one norm over every trainable parameter, or each student part (backbone, DINO head, iBOT head) clipped to grad_clip on its own (DINOv2).")
     # DinoV2 objective
     n_prototypes: int = opt(65536, "Prototypes of the DINO/iBOT head (paper 65,536).", min=2, max=1_000_000)
@@ -145,7 +146,7 @@ def fit_hooks(s: PretrainSettings, objective: nn.Module, steps: int | None = Non
     from vitadapt.ssl import recipe
     from vitadapt.train import Diverged
     steps = steps or s.pretrain_steps
-    kw = optim(s)
+    kw = {**optim(s), **({"accumulate": s.pretrain_accumulate} if s.pretrain_accumulate else {})}
     if s.pretrain_weight_decay_end and s.pretrain_weight_decay_end != s.pretrain_weight_decay:
         kw["wd_schedule"] = lambda step: recipe.cosine_value(step, steps, s.pretrain_weight_decay,
                                                              s.pretrain_weight_decay_end)
