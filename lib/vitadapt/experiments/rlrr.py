@@ -200,7 +200,8 @@ def _run(cfg: RLRRConfig, setup, vit, log, arms: dict[str, tuple[str, dict]], ke
         fit = lambda arm, grid, name: select_then_test_in_job(
             grid=grid, what={"task": ti.name, key: name}, fabric=fabric, epochs=cfg.epochs + cfg.cooldown_epochs,
             validate_single=not shared and cfg.hparams == "grid", seeds=cfg.seeds,
-            select_each_seed=cfg.select_each_seed, progress=cfg.interactive, **_arm(cfg, vit, ti, *arm))
+            select_each_seed=cfg.select_each_seed, progress=cfg.interactive, track_test=selection.official(cfg),
+            **_arm(cfg, vit, ti, *arm))
         grids = lambda name, r, method="rlrr": [{"task": ti.name, key: name, **g, "lr_mult": round(
             g["lr"] / cfg.base_lr[method], 4)} for g in r["grid"]]
         results, grid = {}, {n: cfg.points(ti.name, method) for n, (method, _) in arms.items()}
@@ -224,7 +225,7 @@ def _run(cfg: RLRRConfig, setup, vit, log, arms: dict[str, tuple[str, dict]], ke
                      for row in seed_rows(results[n], cfg.select_each_seed, chance=1.0 / ti.num_classes)]
             if after:
                 log(after(label, results[n]))
-    return pd.DataFrame(rows), pd.DataFrame(grid_rows)
+    return selection.as_protocol(cfg, pd.DataFrame(rows)), pd.DataFrame(grid_rows)
 
 
 def plan(cfg: RLRRConfig, n_runs_per_task: int, shared_grid: bool = False) -> dict:

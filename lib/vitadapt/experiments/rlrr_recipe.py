@@ -72,6 +72,16 @@ RLRR_VTAB_TASKS: dict[str, OfficialTask] = {
 }
 
 
+def task_table(tasks=None) -> pd.DataFrame:
+    """The official per-task settings (:data:`RLRR_VTAB_TASKS`) as a table, for ``tasks`` (names or ``vtab1k:<name>``;
+    default all 19), with the source file."""
+    names = [t.split(":", 1)[-1] for t in (tasks or RLRR_VTAB_TASKS)]
+    rows = {n: RLRR_VTAB_TASKS[n]._asdict() for n in names if n in RLRR_VTAB_TASKS}
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.index.name = "task (zstarN70/RLRR: RLRRDatasets/VTABConfig.py)"
+    return out
+
+
 def official_task(task: str) -> OfficialTask:
     """The official setting of ``task`` (``vtab1k:<name>`` or ``<name>``, a VTAB-1k folder name)."""
     name = task.split(":", 1)[1] if task.startswith("vtab1k:") else task

@@ -89,6 +89,24 @@ def _pairs(df: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame | None:
     return wide if len(wide) else None
 
 
+def as_protocol(cfg, df: pd.DataFrame) -> pd.DataFrame:
+    """Fine-tune rows (one per run, ``test_acc`` the last epoch's, ``test_acc_best_epoch`` the best test epoch's) as
+    ``cfg.protocol`` reports them: clean keeps ``test_acc``; official makes the best test epoch the ``test_acc``
+    (the last epoch's stays as ``test_acc_last_epoch``); both keeps the two columns side by side."""
+    if cfg.protocol != "official" or not len(df) or "test_acc_best_epoch" not in df:
+        return df
+    return df.assign(test_acc_last_epoch=df["test_acc"], test_acc=df["test_acc_best_epoch"])
+
+
+def pairs_of(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Rows with one accuracy per run and its best-test-epoch twin in ``test_acc_best_epoch`` (RLRR's runs) as eval
+    rows: ``name`` (the last epoch, clean) and ``name (official)`` (the best test epoch), for :func:`compare`."""
+    if "test_acc_best_epoch" not in df:
+        return df.assign(eval=name)
+    return pd.concat([df.assign(eval=name), df.assign(eval=official_name(name), test_acc=df["test_acc_best_epoch"])],
+                     ignore_index=True)
+
+
 def compare(df: pd.DataFrame, by: str | list[str], value: str = "test_acc", scale: float = 100.0) -> pd.DataFrame:
     """Clean beside official for every (``by``, evaluation) that has both, mean ± std over seeds (points), and their
     paired difference official - clean per seed (mean ± std): how much choosing on test inflates the number. Where
