@@ -5,6 +5,7 @@ back), evaluation rows, tables, the ablation grid, the widget action, and the pa
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pandas as pd
 import pytest
@@ -244,10 +245,18 @@ def test_mae_variant_with_warmed_decoder(tmp_path):
 # ----------------------------------------------------------------------------------------------- evaluation
 def test_evaluate_variant_rows(dino_cfg, dino_base):
     model, info = dino_base
-    rows = E.evaluate_variant(dino_cfg, model, info, 0)
-    assert [r["eval"] for r in rows] == ["linear probe", "kNN", f"LoRA-r{dino_cfg.ft_rank} fine-tune"]
+    rows = E.evaluate_variant(dino_cfg, model, info, 0)          # smoke 10: protocol both
+    ft_name = f"LoRA-r{dino_cfg.ft_rank} fine-tune"
+    assert [r["eval"] for r in rows] == ["linear probe", "kNN", "linear probe (official)",
+                                         "linear probe (official harness, chosen on val)", "kNN (official)",
+                                         "kNN (official settings, chosen on val)", ft_name, ft_name + " (official)"]
+    assert [r["eval"] for r in rows] == E.lora_eval.eval_names(dino_cfg)
     assert all(0.0 <= r["test_acc"] <= 1.0 for r in rows)
-    ft = rows[-1]
+    ft, best = rows[-2], rows[-1]
+    assert best["test_acc"] >= ft["test_acc"] and "best test epoch" in best["selected"]   # the same run's best epoch
+    clean = E.evaluate_variant(dataclasses.replace(dino_cfg, protocol="clean"), model, info, 0)
+    assert [r["eval"] for r in clean] == ["linear probe", "kNN", ft_name]
+    assert [r["test_acc"] for r in clean] == [rows[0]["test_acc"], rows[1]["test_acc"], ft["test_acc"]]
     d = model.embed_dim
     n_cls = 10
     assert ft["ft_trainable"] == len(model.blocks) * 2 * dino_cfg.ft_rank * 2 * d + d * n_cls + n_cls
@@ -286,7 +295,7 @@ def test_finetune_grid_is_chosen_on_val(tmp_path, dino_base):
 
 def test_comparison_tables_end_to_end(tmp_path):
     """The notebook-10 pipeline on two seeds and three variants: evaluation rows, run records, tables, summary."""
-    cfg = make_cfg(tmp_path, seeds=[0, 1], variants=["frozen", "explora", "full"], finetune=False)
+    cfg = make_cfg(tmp_path, seeds=[0, 1], variants=["frozen", "explora", "full"], finetune=False, protocol="clean")
     lines = []
     res = E.run_comparison(cfg, log=lines.append)
     assert len(res.evals) == 2 * 3 * 2 and len(res.runs) == 2 * 3 and len(lines) == 6

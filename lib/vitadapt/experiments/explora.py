@@ -41,7 +41,7 @@ from vitadapt.jobs import checkpoint_every_s, diverged_row
 from vitadapt.paths import resolve
 from vitadapt.peft.common import count_total, count_trainable
 from vitadapt.peft.explora import apply_explora, parse_targets, parse_unfreeze, targets_label, unfreeze_label
-from vitadapt.protocol import counts, grid, lora_eval, official_probe, probe, report, selection, setup, tables
+from vitadapt.protocol import counts, grid, lora_eval, official_probe, report, selection, setup, tables
 from vitadapt.protocol.counts import explora_recipe as paper_counts  # noqa: F401  (the notebooks' name)
 from vitadapt.ssl import continued
 from vitadapt.vit import meta_vit
@@ -222,36 +222,11 @@ def pretrain_variant(cfg: ExploraConfig, variant: str, seed: int, base: tuple[nn
 
 def evaluate_variant(cfg: ExploraConfig, model: nn.Module, info: dict, seed: int, splits: Splits | None = None,
                      fabric=None, finetune: bool | None = None, ft_splits: Splits | None = None) -> list[dict]:
-    """Linear probe and kNN on frozen features and, when ``finetune`` (default: ``cfg.finetune``), the LoRA
-    fine-tune (a diverged one gives a row marked diverged). Rows: seed, eval, test_acc, val_acc, selected."""
-    from vitadapt.distributed import on_rank0
-    from vitadapt.train import Diverged, job
-    splits = splits or setup.labelled(cfg, seed)
-    rows = on_rank0(fabric, lambda: probe.frozen_eval(cfg, model, info, splits, seed)) if selection.clean(cfg) else []
-    if selection.official(cfg):
-        rows += on_rank0(fabric, lambda: official_probe.official_rows(cfg, model, info, splits, seed))
-    if cfg.finetune if finetune is None else finetune:
-        try:
-            with job(eval="fine-tune"):
-                r = lora_eval.lora_finetune(cfg, model, splits, seed, fabric, ft_splits, info)
-            best, step = r.pop("test_acc_best_epoch", None), r.pop("best_step", None)
-            rows += selection.fine_tune_rows(cfg, r, best, f"step {step} of {r['ft_steps']}" if step else "")
-        except Diverged as e:
-            rows += [diverged_row(seed, ev, e) for ev in eval_names(cfg, frozen=False)]
-    return rows
-
-
-def eval_names(cfg: ExploraConfig, frozen: bool = True) -> list[str]:
-    """The evaluations of a variant under ``cfg.protocol``: the frozen-feature ones (``frozen``), then the fine-tune's."""
-    ft, out = f"LoRA-r{cfg.ft_rank} fine-tune", []
-    if frozen and selection.clean(cfg):
-        out += ["linear probe", "kNN"]
-    if frozen and selection.official(cfg):
-        op = official_probe
-        out += [op.OFFICIAL_LP, op.OFFICIAL_LP_VAL, op.OFFICIAL_KNN, op.OFFICIAL_KNN_VAL]
-    if cfg.finetune:
-        out += ([ft] if selection.clean(cfg) else []) + ([selection.official_name(ft)] if selection.official(cfg) else [])
-    return out
+    """The frozen-feature probes and, when ``finetune`` (default: ``cfg.finetune``), the LoRA fine-tune of a variant,
+    under ``cfg.protocol`` (:func:`vitadapt.protocol.lora_eval.evaluate_backbone`). Rows: seed, eval, test_acc,
+    val_acc, selected."""
+    return lora_eval.evaluate_backbone(cfg, model, info, seed, splits or setup.labelled(cfg, seed), fabric,
+                                       cfg.finetune if finetune is None else finetune, ft_splits)
 
 
 # ---- whole experiments: jobs (label, variant, config overrides) x seeds through the job store ----------------
@@ -294,7 +269,7 @@ def _run_grid(cfg: ExploraConfig, jobs: list[tuple[str, str, dict]], run=None, p
             try:
                 pre = pretrain_variant(vcfg, variant, seed, base, fabric, data["dec"], progress, label, ckpt=ckpt)
             except Diverged as e:
-                return {"evals": tag([diverged_row(seed, ev, e) for ev in eval_names(vcfg)]),
+                return {"evals": tag([diverged_row(seed, ev, e) for ev in lora_eval.eval_names(vcfg)]),
                         "log": f"seed {seed} | {label:<22} | {e}",
                         "runs": {"variant": label, "seed": seed, "objective": vcfg.objective, "diverged": e.short}}
             t1 = time.perf_counter()

@@ -142,3 +142,42 @@ def lora_finetune(cfg, model: nn.Module, splits: Splits, seed: int, fabric=None,
             "ft_trainable": r["trainable"], "ft_wall_time_s": r["wall_time_s"], "ft_steps": r["steps"],
             **({"test_acc_best_epoch": r["test_acc_best_epoch"], "best_step": r["best_step"]}
                if "test_acc_best_epoch" in r else {})}
+
+
+def evaluate_backbone(cfg, model: nn.Module, info: dict, seed: int, splits: Splits, fabric=None, finetune: bool = True,
+                      ft_splits: Splits | None = None) -> list[dict]:
+    """A backbone's evaluation under ``cfg.protocol`` (:mod:`vitadapt.protocol.selection`): clean, the linear probe
+    and kNN with C and k chosen on val; official, the official harness and kNN
+    (:func:`vitadapt.protocol.official_probe.official_rows`); with ``finetune``, the LoRA fine-tune, its last epoch
+    (clean) and best test epoch (official). Probes on rank 0; a diverged fine-tune gives rows marked diverged. Rows:
+    seed, eval, test_acc, val_acc, selected."""
+    from vitadapt.distributed import on_rank0
+    from vitadapt.jobs import diverged_row
+    from vitadapt.protocol.official_probe import official_rows
+    from vitadapt.train import Diverged, job
+    rows = on_rank0(fabric, lambda: probe.frozen_eval(cfg, model, info, splits, seed)) if selection.clean(cfg) else []
+    if selection.official(cfg):
+        rows += on_rank0(fabric, lambda: official_rows(cfg, model, info, splits, seed))
+    if finetune:
+        try:
+            with job(eval="fine-tune"):
+                r = lora_finetune(cfg, model, splits, seed, fabric, ft_splits, info)
+            best, step = r.pop("test_acc_best_epoch", None), r.pop("best_step", None)
+            rows += selection.fine_tune_rows(cfg, r, best, f"step {step} of {r['ft_steps']}" if step else "")
+        except Diverged as e:
+            rows += [diverged_row(seed, ev, e) for ev in eval_names(cfg, frozen=False)]
+    return rows
+
+
+def eval_names(cfg, frozen: bool = True) -> list[str]:
+    """The evaluations of a backbone under ``cfg.protocol``: the frozen-feature ones (``frozen``), then the fine-tune's
+    (when ``cfg.finetune``)."""
+    from vitadapt.protocol import official_probe as op
+    ft, out = f"LoRA-r{cfg.ft_rank} fine-tune", []
+    if frozen and selection.clean(cfg):
+        out += ["linear probe", "kNN"]
+    if frozen and selection.official(cfg):
+        out += [op.OFFICIAL_LP, op.OFFICIAL_LP_VAL, op.OFFICIAL_KNN, op.OFFICIAL_KNN_VAL]
+    if getattr(cfg, "finetune", True):
+        out += ([ft] if selection.clean(cfg) else []) + ([selection.official_name(ft)] if selection.official(cfg) else [])
+    return out
