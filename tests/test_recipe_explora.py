@@ -175,6 +175,7 @@ def test_student_drop_path_and_teacher_without(batch):
     from timm.layers import DropPath
     obj, _, _ = continued.build_objective(settings(pretrain_drop_path=0.3), tiny_vit(), 0)
     assert isinstance(obj.student.blocks[1].drop_path1, DropPath)
+    assert [b.drop_path1.drop_prob for b in obj.student.blocks] == [0.3] * len(obj.student.blocks)  # uniform (DINOv2)
     obj.train()
     assert obj.student.training and not obj.teacher.training
     kept = continued.kept_backbone(obj, settings(pretrain_drop_path=0.3))

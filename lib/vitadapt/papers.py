@@ -325,8 +325,7 @@ RECIPES["ExPLoRA"] += [RecipeValue(_PD, *row) for row in (
      "window the layer's gradients are dropped (AdamW skips it) where DINOv2 sets its LR to 0"),
     ("student drop-path", "pretrain_drop_path", "not public for fMoW; DINOv2 default drop_path_rate 0.3, uniform over "
      "the blocks (drop_path_uniform)", _DC,
-     "0.3, DINOv2's default (named choice); our rate rises linearly over the blocks (vit.set_drop_path, timm's rule) "
-     "where DINOv2's is uniform; the teacher runs without"),
+     "0.3, DINOv2's default (named choice), uniform over the blocks as DINOv2; the teacher runs without"),
     ("KoLeo weight", "", "0.1", _DC),
     ("KoLeo reduction", "", "summed over the two global crops", _DM),
     ("DINO / iBOT weights", "", "1.0 / 1.0", _DC),

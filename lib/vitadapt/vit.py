@@ -88,12 +88,13 @@ def avg_pool_head(model: nn.Module) -> nn.Module:
     return model
 
 
-def set_drop_path(model: nn.Module, rate: float) -> nn.Module:
-    """Stochastic depth on the blocks of a timm ViT, rising linearly from 0 to ``rate`` (timm's rule), in place."""
+def set_drop_path(model: nn.Module, rate: float, uniform: bool = False) -> nn.Module:
+    """Stochastic depth on the blocks of a timm ViT, rising linearly from 0 to ``rate`` (timm's rule) or, ``uniform``,
+    ``rate`` in every block (DINOv2's ``drop_path_uniform``), in place."""
     from timm.layers import DropPath
     n = len(model.blocks)
     for i, blk in enumerate(model.blocks):
-        p = rate * i / max(1, n - 1)
+        p = rate if uniform else rate * i / max(1, n - 1)
         for name in ("drop_path1", "drop_path2"):
             if hasattr(blk, name):
                 setattr(blk, name, DropPath(p) if p > 0 else nn.Identity())

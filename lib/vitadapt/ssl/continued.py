@@ -50,7 +50,7 @@ class PretrainSettings:
     patch_embed_lr_mult: float = opt(1.0, "DinoV2: LR multiplier of the patch embedding on top of layer_decay (DINOv2: 0.2).", min=0.0, max=10.0)
     freeze_last_layer_steps: int = opt(0, "DinoV2: optimizer steps during which the heads' prototype (last) layer does not move (DINOv2: freeze_last_layer_epochs).", min=0)
     mask_token: Literal["trainable", "frozen"] = opt("trainable", "DinoV2: the iBOT mask token trains (new, zeros) or stays frozen (ExPLoRA: the checkpoint's, frozen; loaded when weights is a local .pth holding mask_token, else zeros).")
-    pretrain_drop_path: float = opt(0.0, "DinoV2: student drop-path rate during the extended pre-training (DINOv2 default 0.3); the teacher runs without.", min=0.0, max=0.9)
+    pretrain_drop_path: float = opt(0.0, "DinoV2: student drop-path rate during the extended pre-training, the same in every block (DINOv2: 0.3, drop_path_uniform); the teacher runs without.", min=0.0, max=0.9)
     pretrain_accumulate: int = opt(0, "Batches per optimizer step of the extended pre-training only (official DinoV2 run: accum_iter 32); 0 = the run's accumulate_grad_batches. The fine-tune and probes do not accumulate with it.", min=0, max=4096)
     grad_clip_mode: Literal["global", "per_module"] = opt("global", "DinoV2: one norm over every trainable parameter, or each student part (backbone, DINO head, iBOT head) clipped to grad_clip on its own (DINOv2).")
     # DinoV2 objective
@@ -215,7 +215,7 @@ def build_objective(s: PretrainSettings, student: nn.Module, seed: int, steps: i
         from vitadapt.vit import set_drop_path
         on_meta = any(p.is_meta for p in student.parameters())
         if s.pretrain_drop_path:     # the teacher copies the modules, but runs in eval mode: no drop-path
-            set_drop_path(find_vit(student), s.pretrain_drop_path)
+            set_drop_path(find_vit(student), s.pretrain_drop_path, uniform=True)   # DINOv2: drop_path_uniform
         obj = DinoV2Objective(student, total_steps=steps or s.pretrain_steps, n_prototypes=s.n_prototypes,
                               hidden_dim=s.head_hidden_dim, bottleneck_dim=s.head_bottleneck_dim,
                               momentum=s.teacher_momentum, teacher_temp_warmup_steps=s.teacher_temp_warmup_steps,
