@@ -92,29 +92,15 @@ def pooled_probe_head(cfg, model: nn.Module, splits: Splits, seed: int, device=N
     val, the standardisation folded into the weights. Returns ``(weight [C, D], bias [C], C)`` on the CPU."""
     import copy
 
-    import torch
-    from sklearn.preprocessing import StandardScaler
-
-    from vitadapt.eval import extract_features, fit_logistic
+    from vitadapt.eval import extract_features
     from vitadapt.vit import PreLogits, avg_pool_head
     device = probe._device(cfg, device)
     pooled = PreLogits(avg_pool_head(copy.deepcopy(model)))
     get = lambda ds: extract_features(pooled, ds, cfg.img_size, cfg.batch_size, "cls", cfg.num_workers, device,
                                       precision=cfg.precision)
     (Xtr, ytr), (Xva, yva) = get(splits.train), get(splits.val)
-    scaler = StandardScaler().fit(Xtr)
-    mu, sd = (torch.as_tensor(a, dtype=torch.float32) for a in (scaler.mean_, scaler.scale_))
-    tr, va = (torch.as_tensor(scaler.transform(X), dtype=torch.float32).to(device) for X in (Xtr, Xva))
-    torch.manual_seed(seed)
-    best, Wb = None, None
-    for C in sorted(getattr(cfg, "probe_Cs", probe.DEFAULT_CS)):
-        Wb = fit_logistic(tr, torch.as_tensor(ytr, dtype=torch.long), len(splits.classes), C, 100, Wb)
-        acc = float(((va @ Wb[0] + Wb[1]).argmax(1).cpu().numpy() == yva).mean())
-        if best is None or acc > best[0]:
-            best = (acc, C, Wb)
-    _, C, (W, b) = best
-    W, b = W.cpu(), b.cpu()
-    return (W / sd[:, None]).T.contiguous(), b - (mu / sd) @ W, C
+    return probe.folded_probe(Xtr, ytr, Xva, yva, len(splits.classes), getattr(cfg, "probe_Cs", probe.DEFAULT_CS),
+                              seed, device)
 
 
 def lora_finetune(cfg, model: nn.Module, splits: Splits, seed: int, fabric=None,

@@ -117,10 +117,6 @@ def probe_head(cfg, model, info: dict, splits, seed: int, device=None):
     come from the per-item cache :func:`frozen_eval` fills (``feature="cls+avg"``: its first ``embed_dim``
     columns); features and solver on ``device`` (None: ``cfg.accelerator``'s). Returns ``(weight [C, D], bias [C], C)``
     on the CPU."""
-    import torch
-    from sklearn.preprocessing import StandardScaler
-
-    from vitadapt.eval import fit_logistic
     if getattr(model, "global_pool", "token") != "token":
         raise ValueError(f"ft_head_init='probe' needs a ViT whose head reads the CLS token (global_pool='token'), got "
                          f"global_pool={model.global_pool!r}; use ft_head_init='fresh'")
@@ -128,14 +124,25 @@ def probe_head(cfg, model, info: dict, splits, seed: int, device=None):
     get = features(cfg, model, info, device, feature=cfg.feature if cfg.feature in ("cls", "cls+avg") else "cls")
     D = model.embed_dim
     (Xtr, ytr), (Xva, yva) = get(splits.train), get(splits.val)
-    Xtr, Xva = Xtr[:, :D], Xva[:, :D]
+    return folded_probe(Xtr[:, :D], ytr, Xva[:, :D], yva, len(splits.classes), getattr(cfg, "probe_Cs", DEFAULT_CS),
+                        seed, device)
+
+
+def folded_probe(Xtr, ytr, Xva, yva, n_classes: int, Cs, seed: int, device="cpu"):
+    """Multinomial logistic regression on standardised training features, C among ``Cs`` chosen on val, the
+    standardisation folded into the weights (so it applies to raw features): ``(weight [C, D], bias [C], C)`` on the
+    CPU."""
+    import torch
+    from sklearn.preprocessing import StandardScaler
+
+    from vitadapt.eval import fit_logistic
     scaler = StandardScaler().fit(Xtr)
     mu, sd = (torch.as_tensor(a, dtype=torch.float32) for a in (scaler.mean_, scaler.scale_))
     tr, va = (torch.as_tensor(scaler.transform(X), dtype=torch.float32).to(device) for X in (Xtr, Xva))
     torch.manual_seed(seed)
     best, Wb = None, None
-    for C in sorted(getattr(cfg, "probe_Cs", DEFAULT_CS)):
-        Wb = fit_logistic(tr, torch.as_tensor(ytr, dtype=torch.long), len(splits.classes), C, 100, Wb)
+    for C in sorted(Cs):
+        Wb = fit_logistic(tr, torch.as_tensor(ytr, dtype=torch.long), n_classes, C, 100, Wb)
         acc = float(((va @ Wb[0] + Wb[1]).argmax(1).cpu().numpy() == yva).mean())
         if best is None or acc > best[0]:
             best = (acc, C, Wb)
