@@ -43,8 +43,8 @@ from vitadapt.jobs import checkpoint_every_s
 from vitadapt.peft.common import count_total, count_trainable
 from vitadapt.protocol import figures, grid, probe, report, tables
 from vitadapt.protocol.setup import backbone, chance, check_dataset, dataset, labelled, record_sources
-from vitadapt.ssl.upstep import (ENSEMBLE_MODES, UpStepAugment, UpStepGate, UpStepObjective, ensemble_features,
-                                 upstep_loss_fn)
+from vitadapt.ssl.upstep import (ENSEMBLE_MODES, UpStepAugment, UpStepGate, UpStepObjective, build_objective,
+                                 ensemble_features, upstep_loss_fn)
 
 #: domains seen from above: vertical flips are a label-preserving augmentation there (``aug_vflip="overhead"``)
 OVERHEAD_DOMAINS = ("aid", "eurosat", "resisc45", "ucmerced", "fmow", "sentinel2_tiles", "synthetic")
@@ -158,14 +158,6 @@ def adaptation_pool(cfg, domain: str, seed: int, labelled_train: Dataset | None 
 def augment_for(cfg, domain: str) -> UpStepAugment:
     vflip = {"always": 0.5, "never": 0.0}.get(cfg.aug_vflip, 0.5 if domain.split(":")[-1] in OVERHEAD_DOMAINS else 0.0)
     return UpStepAugment(size=cfg.img_size, scale=(cfg.aug_scale_min, 1.0), vflip=vflip)
-
-
-def build_objective(cfg, backbone: torch.nn.Module, seed: int, init_images: torch.Tensor | None = None) -> UpStepObjective:
-    """UpStep objective around ``backbone`` (mutated in place: LoRA is injected; a frozen copy is the base)."""
-    fields = ("lora_rank", "head", "head_hidden_dim", "head_out_dim", "n_prototypes", "prototype_init", "temperature",
-              "cvr", "cvr_weight", "center_estimate", "offline_stream", "offline_momentum")
-    return UpStepObjective(backbone, **{f: getattr(cfg, f) for f in fields}, lora_alpha=cfg.lora_alpha or None,
-                           init_images=init_images, seed=seed)
 
 
 def adapt(cfg, base_model: torch.nn.Module, images: tuple[Dataset, list[int]], seed: int, domain: str = "",
@@ -318,25 +310,14 @@ def accuracy_table(evals: pd.DataFrame, by: str = "domain") -> pd.DataFrame:
 
 def forgetting_table(evals: pd.DataFrame, by: str = "domain") -> pd.DataFrame:
     """Forgetting (OOD test accuracy, adapted - base), mean ± std over seeds; the base OOD accuracy for scale."""
-    df, every = evals[evals["features"] != "base"], tables.with_shared(evals, by, evals["features"] == "base")
-    out = tables.mean_std(df, [by, "eval"], "features", "ood_delta", signed=True)
-    out, base = out[[c for c in FEATURE_KINDS if c in out.columns]], every[every["features"] == "base"]
-    if len(base):
-        out["base OOD acc"] = base.groupby([by, "eval"], sort=False)["ood_test_acc"].mean().reindex(out.index).round(3)
-    out["forgetting set"] = df.groupby([by, "eval"], sort=False)["ood_dataset"].first()
-    return out
+    return tables.forgetting(evals, by, FEATURE_KINDS)
 
 
 def ensemble_table(evals: pd.DataFrame, by: str = "variant") -> pd.DataFrame:
     """Ensemble on/off: test accuracy of the adapted features alone ("off") and of each ensemble with the base
     features, and the ensemble's gain over "off" on the target and on the forgetting set (means over seeds)."""
-    df, parts = evals[evals["features"] != "base"], (("test_acc", "target"), ("ood_test_acc", "OOD"))
-    wide = df.pivot_table(index=[by, "eval", "seed"], columns="features", values=["test_acc", "ood_test_acc"])
-    out = pd.DataFrame({f"off: {name}": wide[(v, "upstep")] for v, name in parts})
-    for kind in [k for k in FEATURE_KINDS[2:] if ("test_acc", k) in wide.columns]:
-        for v, name in parts:
-            out[f"{kind.split('-', 1)[1]}: {name} gain"] = wide[(v, kind)] - wide[(v, "upstep")]
-    return out.groupby(level=[0, 1], sort=False).mean().round(3).reindex(tables.order(df, by), level=0)
+    ensembles = {kind.split("-", 1)[1]: kind for kind in FEATURE_KINDS[2:]}
+    return tables.gains(evals[evals["features"] != "base"], by, "upstep", ensembles)
 
 
 def cost_table(runs: pd.DataFrame, by: str = "domain") -> pd.DataFrame:

@@ -37,6 +37,33 @@ def with_shared(df: pd.DataFrame, by: str, shared: pd.Series) -> pd.DataFrame:
     return pd.concat([rest, *(ref.assign(**{by: k}) for k in order(rest, by))])
 
 
+def forgetting(rows: pd.DataFrame, by: str, kinds: Sequence[str], reference: str = "base") -> pd.DataFrame:
+    """Of :func:`vitadapt.protocol.probe.forgetting_rows` rows: the OOD change (``ood_delta``) of each feature set
+    but ``reference``, ``mean ± std`` over seeds per (``by``, eval), columns ``kinds`` in order (those present); the
+    reference's OOD accuracy for scale (its rows shared over ``by``, :func:`with_shared`) and the forgetting set."""
+    df, every = rows[rows["features"] != reference], with_shared(rows, by, rows["features"] == reference)
+    out = mean_std(df, [by, "eval"], "features", "ood_delta", signed=True)
+    out, ref = out[[c for c in kinds if c in out.columns]], every[every["features"] == reference]
+    if len(ref):
+        out[f"{reference} OOD acc"] = ref.groupby([by, "eval"], sort=False)["ood_test_acc"].mean().reindex(
+            out.index).round(3)
+    out["forgetting set"] = df.groupby([by, "eval"], sort=False)["ood_dataset"].first()
+    return out
+
+
+def gains(rows: pd.DataFrame, by: str, alone: str, combined: dict[str, str]) -> pd.DataFrame:
+    """Of :func:`vitadapt.protocol.probe.forgetting_rows` rows: test accuracy of the feature set ``alone`` ("off")
+    on the target and the forgetting set, and the gain of each ``combined`` set ({label: feature set}, those
+    present) over it there, paired per seed; means over seeds per (``by``, eval), ``by`` in order of appearance."""
+    parts = (("test_acc", "target"), ("ood_test_acc", "OOD"))
+    wide = rows.pivot_table(index=[by, "eval", "seed"], columns="features", values=["test_acc", "ood_test_acc"])
+    out = pd.DataFrame({f"off: {name}": wide[(v, alone)] for v, name in parts})
+    for label, kind in [(k, v) for k, v in combined.items() if ("test_acc", v) in wide.columns]:
+        for v, name in parts:
+            out[f"{label}: {name} gain"] = wide[(v, kind)] - wide[(v, alone)]
+    return out.groupby(level=[0, 1], sort=False).mean().round(3).reindex(order(rows, by), level=0)
+
+
 def paired_delta(df: pd.DataFrame, by: str, reference: str | None = None, columns: str = "eval",
                  value: str = "test_acc", digits: int = 3) -> pd.DataFrame:
     """Per-seed difference of ``value`` to the ``reference`` row (default: the first), then ``mean ± std`` over

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "apply_upstep_lora", "center_vector", "RunningCenter", "spherical_kmeans", "UpStepObjective",
-    "UpStepGate", "upstep_loss_fn", "UpStepAugment", "ensemble_features", "backbone_features",
+    "UpStepGate", "upstep_loss_fn", "build_objective", "UpStepAugment", "ensemble_features", "backbone_features",
     "HEADS", "PROTOTYPE_INITS", "CVR_MODES", "OFFLINE_STREAMS", "CENTER_ESTIMATES", "GATE_RULES", "GATE_SCORES",
     "ENSEMBLE_MODES",
 ]
@@ -485,6 +485,16 @@ def upstep_loss_fn(objective: UpStepObjective):
         return module(batch)
 
     return loss_fn
+
+
+def build_objective(s, backbone: nn.Module, seed: int, init_images: Tensor | None = None) -> UpStepObjective:
+    """:class:`UpStepObjective` around ``backbone`` (mutated in place: LoRA is injected; a frozen copy is the base)
+    from the settings ``s``: any object with the objective's fields (``lora_rank``, ``lora_alpha``: 0 = alpha is
+    the rank, ``head``, ..., ``offline_momentum``), e.g. ``vitadapt.experiments.upstep.UpStepConfig``."""
+    fields = ("lora_rank", "head", "head_hidden_dim", "head_out_dim", "n_prototypes", "prototype_init", "temperature",
+              "cvr", "cvr_weight", "center_estimate", "offline_stream", "offline_momentum")
+    return UpStepObjective(backbone, **{f: getattr(s, f) for f in fields}, lora_alpha=s.lora_alpha or None,
+                           init_images=init_images, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------------
