@@ -131,3 +131,50 @@ def test_rlrr_gpu_profile_offline_falls_back_to_the_stand_ins(no_torchgeo_data, 
     assert got.tasks == ("fashion_mnist", "aid", "clevr_count") and got.weights == "dinov2_vits14_imgfocus"
     assert rec["fallback"] == 1 and rec["dataset_used"] == ["fashion_mnist", "aid", "clevr_count"]
     assert "vtab1k:dtd" in rec["reason"] and "vitb16_in21k" in rec["tried"][0]   # stand-ins with IN-21k: no hub
+
+
+def test_upstep_estimate_backpropagates_only_the_online_view_with_an_offline_stream():
+    from vitadapt.plan import OVERHEAD, TRAIN_COST, estimate
+    ema, stop, sym = (estimate("gpu", ["20_upstep"], {"offline_stream": s})[0] for s in ("ema", "stop_grad", "symmetric"))
+    assert ema == stop                                   # both: the offline view is a forward without gradient
+    assert sym["train_images"] == 2 * ema["train_images"]                    # symmetric: both views back-propagate
+    assert ema["eval_images"] - sym["eval_images"] == ema["train_images"]    # ema: the other view a forward only
+    backward = OVERHEAD * (TRAIN_COST - 1) * ema["train_images"] / ema["infer_img_s"]   # one view's backward share
+    assert sym["est_s"] - ema["est_s"] == pytest.approx(backward, abs=0.2)
+    abl = {s: estimate("gpu", ["21_upstep_ablations"], {"offline_stream": s, "ablate_offline": ()})[0]
+           for s in ("ema", "symmetric")}                # the default variant's stream counts too
+    assert abl["symmetric"]["train_images"] == 2 * abl["ema"]["train_images"]
+
+
+def test_rlrr_official_hparams_search_no_grid_for_rlrr_and_count_the_cooldown():
+    from vitadapt.experiments import rlrr
+    from vitadapt.finetune import select_then_test_steps
+    from vitadapt.plan import estimate
+    cfg = build_config(RLRRConfig, "paper", "30_rlrr")
+    assert cfg.hparams == "official" and "rlrr" in cfg.methods and cfg.cooldown_epochs == 10
+    runs, n_grid, epochs = len(cfg.methods), len(cfg.lr_multipliers) * len(cfg.weight_decays), cfg.epochs + 10
+    steps = lambda searches: select_then_test_steps(800, 200, batch_size=32, epochs=epochs, grid_points=n_grid,
+                                                    seeds=3, runs=runs, searches=searches)["total_images"]
+    official, grid = (estimate("paper", ["30_rlrr"], {"hparams": h})[0] for h in ("official", "grid"))
+    assert official["train_images"] == len(cfg.tasks) * steps(runs - 1)      # every method but RLRR searches its grid
+    assert grid["train_images"] == len(cfg.tasks) * steps(runs)
+    assert rlrr.plan(cfg, runs)["total_steps"] * 32 == official["train_images"]   # what 30 prints agrees
+    assert rlrr.plan(cfg, 4, shared_grid=True)["total_steps"] == len(cfg.tasks) * 4 * 3 * 31 * epochs  # 31: no search
+    searched = build_config(RLRRConfig, "paper", "30_rlrr", hparams="grid")
+    assert rlrr.plan(searched, 4, shared_grid=True)["total_steps"] == len(cfg.tasks) * (n_grid * 25 + 4 * 3 * 31) * epochs
+
+
+def test_protocol_official_adds_the_harness_and_per_epoch_test_scoring():
+    from vitadapt.plan import estimate
+    clean, both = (estimate("gpu", ["10_explora_dinov2"], {"protocol": p})[0] for p in ("clean", "both"))
+    assert clean["train_images"] == both["train_images"]
+    n_train, n_val, n_test = 20 * 45, 10 * 45, 40 * 45                       # RESISC45 at 20 / 10 / 40 per class
+    harness = 10 * (n_train // 256) * 256 + n_val + n_test                  # official_lp_epochs 10 of batch 256
+    tracked = (-(-150 * 64 // n_train) - 1) * n_test                         # 150 steps of 64: a test pass per epoch
+    assert both["eval_images"] - clean["eval_images"] == 5 * 3 * (harness + tracked) and both["est_s"] > clean["est_s"]
+    a, b = (estimate("gpu", ["10_explora_dinov2"], {"official_lp_iterations": i})[0] for i in (100, 200))
+    assert b["eval_images"] - a["eval_images"] == 5 * 3 * 100 * 256          # iterations x batch augmented forwards
+    abl = {p: estimate("gpu", ["12_explora_ablations"], {"protocol": p})[0] for p in ("clean", "both")}
+    assert abl["both"]["est_s"] > abl["clean"]["est_s"]                        # the harness, no fine-tune there
+    r_clean, r_both = (estimate("gpu", ["30_rlrr"], {"protocol": p})[0] for p in ("clean", "both"))
+    assert r_both["eval_images"] - r_clean["eval_images"] == 3 * 5 * 3 * 2000 * (10 - 1)   # RLRR: test every epoch

@@ -2,10 +2,11 @@
 
 ``estimate(profile, notebooks)`` counts, from each notebook's resolved config, the images its run pushes through
 the backbone: **trained** (forward and backward) and **evaluated** (forward only: features, the DinoV2 teacher,
-UpStep's gated-off iterations, validation and test). Each count is in images at the config's ``img_size`` (a
-DinoV2 local crop counts as its share of the tokens, MAE as its visible quarter). Time = images x the
-architecture's multiply-accumulates per image (:func:`macs_per_image`, exact for a timm ViT) / an assumed
-sustained rate, times an overhead factor.
+UpStep's offline view (``offline_stream`` ema / stop_grad) and gated-off iterations, the official linear harness,
+validation and test: after every epoch of a fine-tune under ``protocol`` official / both). Each count is in images
+at the config's ``img_size`` (a DinoV2 local crop counts as its share of the tokens, MAE as its visible quarter).
+Time = images x the architecture's multiply-accumulates per image (:func:`macs_per_image`, exact for a timm ViT) /
+an assumed sustained rate, times an overhead factor.
 
 **This is an estimate, not a measurement.** Assumptions (the constants below):
 
@@ -23,6 +24,7 @@ sustained rate, times an overhead factor.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 INFER_MACS_PER_S = 74e12
@@ -72,14 +74,22 @@ def _classes(name: str) -> int:
     return CLASSES.get(task or name, 100)
 
 
-def _labelled(name: str, n: tuple[int, int, int]) -> int:
-    """Images of ``name`` at ``n`` = (train, val, test) per class (0: the whole split; unknown sizes: 1,000)."""
+def _sizes(name: str, n: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(train, val, test) images of ``name`` at ``n`` = (train, val, test) per class (0: the whole split; unknown
+    sizes: 1,000)."""
     whole = SPLITS.get(name, (1000, 1000, 1000))
-    return sum(k * _classes(name) if k else w for k, w in zip(n, whole))
+    return tuple(k * _classes(name) if k else w for k, w in zip(n, whole))
+
+
+def _labelled(name: str, n: tuple[int, int, int]) -> int:
+    """Images of ``name`` at ``n`` = (train, val, test) per class, all splits together (:func:`_sizes`)."""
+    return sum(_sizes(name, n))
 
 
 def _explora(cfg, ablations: bool) -> tuple[float, float, str]:
     from vitadapt.experiments.explora import ablation_variants
+    from vitadapt.protocol import selection
+    from vitadapt.protocol.official_probe import lp_iterations
     jobs = ablation_variants(cfg) if ablations else [(v, v, {}) for v in cfg.variants]
     trained = sum(v != "frozen" for _, v, _ in jobs)
     per_step = cfg.pretrain_steps * cfg.pretrain_batch_size * cfg.devices * cfg.num_nodes   # per-device batch
@@ -89,16 +99,22 @@ def _explora(cfg, ablations: bool) -> tuple[float, float, str]:
     else:
         train, infer = per_step * (1 - cfg.mask_ratio) * 1.5, 0.0      # visible patches + decoder (~half again)
         infer += cfg.decoder_warmup_steps * cfg.pretrain_batch_size * (1 - cfg.mask_ratio) * 1.5
-    labelled = _labelled(cfg.dataset, (cfg.n_train_per_class, cfg.n_val_per_class, cfg.n_test_per_class))
+    n_train, n_val, n_test = _sizes(cfg.dataset, (cfg.n_train_per_class, cfg.n_val_per_class, cfg.n_test_per_class))
+    labelled, official, harness = n_train + n_val + n_test, selection.official(cfg), 0
+    if official:    # the official linear harness: its (augmented) training forwards, then val and test
+        its = lp_iterations(cfg.official_lp_iterations, cfg.official_lp_epochs, cfg.official_lp_batch_size, n_train)
+        harness = (its * min(cfg.official_lp_batch_size, n_train) if cfg.official_lp_augment else n_train) + n_val + n_test
     ft_train = ft_eval = 0.0
     if cfg.finetune and not ablations:
-        n_train = cfg.n_train_per_class * _classes(cfg.dataset) or SPLITS.get(cfg.dataset, (1000,))[0]
         steps = cfg.ft_epochs * n_train / cfg.ft_batch_size if cfg.ft_epochs else cfg.ft_steps
         points = len(cfg.ft_lrs) * len(cfg.ft_weight_decays)
         ft_train, ft_eval = points * steps * cfg.ft_batch_size, points * labelled
+        if official:    # test scored after every epoch of the run that is tested (its last pass is the test above)
+            epochs = steps * cfg.ft_batch_size / (n_train + (n_val if points > 1 else 0))
+            ft_eval += (math.ceil(epochs) - 1) * n_test
     seeds = len(cfg.seeds)
     train_imgs = seeds * (trained * train + len(jobs) * ft_train)
-    eval_imgs = seeds * (trained * infer + len(jobs) * (labelled + ft_eval))
+    eval_imgs = seeds * (trained * infer + len(jobs) * (labelled + harness + ft_eval))
     return train_imgs, eval_imgs, f"{len(jobs)} variants x {seeds} seeds, {cfg.pretrain_steps} steps of {cfg.pretrain_batch_size}"
 
 
@@ -115,9 +131,10 @@ def _upstep(cfg, ablations: bool) -> tuple[float, float, str]:
         for _, over in variants:
             gate = over.get("gate", cfg.gate)
             back = {"none": 1.0, "alternate": 0.5}.get(gate, 1 - cfg.gate_target_skip)
-            views = over.get("steps", cfg.steps) * cfg.adapt_batch_size * 2
-            train += views * back
-            infer += views * (1 - back) + sets
+            batch = over.get("steps", cfg.steps) * cfg.adapt_batch_size
+            online = 2 if over.get("offline_stream", cfg.offline_stream) == "symmetric" else 1    # views with gradient
+            train += batch * online * back
+            infer += batch * (2 - online * back) + sets                   # the offline view: a forward only
     seeds = len(cfg.seeds)
     return seeds * train, seeds * infer, f"{len(variants)} variants x {len(domains)} domains x {seeds} seeds, {cfg.steps} steps of {cfg.adapt_batch_size}"
 
@@ -125,20 +142,29 @@ def _upstep(cfg, ablations: bool) -> tuple[float, float, str]:
 def _rlrr(cfg, ablations: bool) -> tuple[float, float, str]:
     from vitadapt.experiments.rlrr import distinct_variants
     from vitadapt.finetune import select_then_test_steps
+    from vitadapt.protocol import selection
     runs = len(distinct_variants(cfg)) if ablations else len(cfg.methods)
     shared = ablations and cfg.ablation_grid == "shared"
-    points = len(cfg.lr_multipliers) * len(cfg.weight_decays) * (len(cfg.seeds) if cfg.select_each_seed else 1)
-    searches = 1 if shared else runs
+    n_grid = len(cfg.lr_multipliers) * len(cfg.weight_decays)
+    points = n_grid * (len(cfg.seeds) if cfg.select_each_seed else 1)
+    fixed = cfg.hparams == "official"                 # RLRR at the task's official point on train + val: no search
+    searched = n_grid > 1 or not (shared or fixed)    # a one-point grid is scored on val only with validate_single
+    if ablations:                                     # every run an RLRR variant
+        searches = 0 if fixed or not searched else 1 if shared else runs
+    else:
+        searches = sum(searched and not (fixed and m == "rlrr") for m in cfg.methods)
+    epochs = cfg.epochs + cfg.cooldown_epochs
+    tests = math.ceil(epochs) if selection.official(cfg) else 1     # test passes of a run (scored every epoch)
     train = infer = 0.0
     for task in cfg.tasks:
         whole = SPLITS.get(task.rpartition(":")[2], (1000, 1000, 1000))
         n_train, n_val, n_test = (n or w for n, w in zip((cfg.n_train, cfg.n_val, cfg.n_test), whole))
-        steps = select_then_test_steps(n_train, n_val, batch_size=cfg.batch_size, epochs=cfg.epochs,
+        steps = select_then_test_steps(n_train, n_val, batch_size=cfg.batch_size, epochs=epochs,
                                        grid_points=points, seeds=len(cfg.seeds), runs=runs,
                                        searches=searches)
         frac = cfg.adapt_blocks / 12 if cfg.adapt_blocks else 1.0          # only the tail trains, the prefix is cached
         train += steps["total_images"] * frac
-        infer += searches * points * n_val + runs * len(cfg.seeds) * n_test + (n_train + n_val + n_test) * (1 - frac)
+        infer += searches * points * n_val + runs * len(cfg.seeds) * n_test * tests + (n_train + n_val + n_test) * (1 - frac)
     return train, infer, f"{runs} {'variants' if ablations else 'methods'} x {len(cfg.tasks)} tasks x {len(cfg.seeds)} seeds, {cfg.epochs:g} epochs"
 
 
