@@ -178,3 +178,16 @@ def test_protocol_official_adds_the_harness_and_per_epoch_test_scoring():
     assert abl["both"]["est_s"] > abl["clean"]["est_s"]                        # the harness, no fine-tune there
     r_clean, r_both = (estimate("gpu", ["30_rlrr"], {"protocol": p})[0] for p in ("clean", "both"))
     assert r_both["eval_images"] - r_clean["eval_images"] == 3 * 5 * 3 * 2000 * (10 - 1)   # RLRR: test every epoch
+
+
+def test_pretraining_accumulation_counts_in_the_estimate():
+    """The paper profile's DinoV2 pre-training accumulates 32 batches per step (pretrain_accumulate): 32x the images."""
+    import dataclasses
+
+    from vitadapt.config import build_config
+    from vitadapt.experiments.explora import ExploraConfig
+    from vitadapt.plan import _explora
+    cfg = build_config(ExploraConfig, "paper", "10_explora_dinov2", dry_run="yes")
+    one = dataclasses.replace(cfg, pretrain_accumulate=1, finetune=False, protocol="clean")
+    full = dataclasses.replace(cfg, finetune=False, protocol="clean")
+    assert _explora(full, False)[0] == pytest.approx(32 * _explora(one, False)[0], rel=0.01)

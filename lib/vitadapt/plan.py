@@ -92,7 +92,8 @@ def _explora(cfg, ablations: bool) -> tuple[float, float, str]:
     from vitadapt.protocol.official_probe import lp_iterations
     jobs = ablation_variants(cfg) if ablations else [(v, v, {}) for v in cfg.variants]
     trained = sum(v != "frozen" for _, v, _ in jobs)
-    per_step = cfg.pretrain_steps * cfg.pretrain_batch_size * cfg.devices * cfg.num_nodes   # per-device batch
+    per_step = (cfg.pretrain_steps * cfg.pretrain_batch_size * cfg.devices * cfg.num_nodes       # per-device batch
+                * (cfg.pretrain_accumulate or cfg.accumulate_grad_batches))                        # x accumulation
     if cfg.objective == "dinov2":
         crops = 2 + cfg.n_local_crops * (cfg.local_size / cfg.img_size) ** 2
         train, infer = per_step * crops, per_step * 2                  # student: all crops; EMA teacher: 2 global
