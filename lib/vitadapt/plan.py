@@ -116,7 +116,9 @@ def _explora(cfg, ablations: bool) -> tuple[float, float, str]:
     seeds = len(cfg.seeds)
     train_imgs = seeds * (trained * train + len(jobs) * ft_train)
     eval_imgs = seeds * (trained * infer + len(jobs) * (labelled + harness + ft_eval))
-    return train_imgs, eval_imgs, f"{len(jobs)} variants x {seeds} seeds, {cfg.pretrain_steps} steps of {cfg.pretrain_batch_size}"
+    return train_imgs, eval_imgs, f"{len(jobs)} variants x {seeds} seeds, {cfg.pretrain_steps} steps of {cfg.pretrain_batch_size}" + \
+        (f" x {cfg.devices * cfg.num_nodes} devices" if cfg.devices * cfg.num_nodes > 1 else "") + \
+        (f" x {(cfg.pretrain_accumulate or cfg.accumulate_grad_batches)} accumulated" if (cfg.pretrain_accumulate or cfg.accumulate_grad_batches) > 1 else "")
 
 
 def _upstep(cfg, ablations: bool) -> tuple[float, float, str]:
