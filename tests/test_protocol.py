@@ -41,6 +41,20 @@ def test_paper_vs_ours_joins_our_rows_and_counts_them(tmp_path):
     assert report.joined(shown.reset_index()) == {"ExPLoRA: linear probe": 1, "RLRR: VTAB-1k group mean": 1}
 
 
+def test_paper_vs_ours_puts_our_official_rows_beside_the_paper_number_they_match(tmp_path):
+    """The published numbers were chosen the authors' way: our official row joins the same paper number as our clean
+    one, each labelled with its protocol."""
+    rows = [report.result_row("ExPLoRA: linear probe", "explora", [0.5, 0.6]),
+            report.result_row("ExPLoRA: linear probe (official)", "explora", [0.6, 0.7]),
+            report.result_row("ExPLoRA: linear probe (official harness, chosen on val)", "explora", [0.55, 0.65])]
+    (tmp_path / "10_explora_dinov2").mkdir()
+    (tmp_path / "10_explora_dinov2" / "metrics.json").write_text(json.dumps({"metrics": {"results": rows}, "run": {}}))
+    shown = report.paper_vs_ours(report.collect("smoke", tmp_path))
+    ex = shown[(shown["table"] == "ExPLoRA: linear probe") & (shown["method"] == "explora")]
+    assert list(ex["protocol"]) == ["clean", "official", "official, chosen on val"]
+    assert (ex["paper"] == 77.48).all() and list(ex["ours (mean ± std)"].str[:4]) == ["55.0", "65.0", "60.0"]
+
+
 def test_result_rows_average_tasks_per_seed_and_name_rows():
     df = pd.DataFrame({"method": ["a"] * 4 + ["b"] * 2, "task": ["t1", "t2"] * 3, "seed": [0, 0, 1, 1, 0, 0],
                        "test_acc": [0.2, 0.4, 0.4, 0.6, np.nan, np.nan]})

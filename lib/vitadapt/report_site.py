@@ -270,7 +270,7 @@ def _paper_tables(profile: str, outputs: Path, pages: dict[str, str]) -> tuple[s
     if len(ours):
         for (t, m), g in ours.groupby(["table", "method"], sort=False):
             where[(t, m)] = sorted(set(g["notebook"]))
-    cols = [c for c in ("method", "paper", "paper label", "paper setting", "ours (mean ± std)", "ours",
+    cols = [c for c in ("method", "paper", "paper label", "paper setting", "ours (mean ± std)", "protocol", "ours",
                         "like for like") if c in shown]
     parts, toc, both = [], [], 0
     groups = []

@@ -95,15 +95,22 @@ def collect(profile: str, outputs: Path | None = None) -> pd.DataFrame:
 
 def paper_vs_ours(ours: pd.DataFrame) -> pd.DataFrame:
     """Our rows joined to the published numbers on (table, method); rows without a paper value keep NaN; a
-    "like for like" column (only trainable-parameter counts are) and "ours (mean ± std)" as text."""
+    "like for like" column (only trainable-parameter counts are), "ours (mean ± std)" as text and the ``protocol``
+    that chose our number (:mod:`vitadapt.protocol.selection`: an official row such as ``"ExPLoRA: linear probe
+    (official)"`` joins the paper's ``"ExPLoRA: linear probe"``, whose numbers the authors chose the official way)."""
     from vitadapt.papers import numbers
+    from vitadapt.protocol.selection import family, kind
     paper = numbers().drop(columns=["paper_name", "metric"])
+    if ours is not None and len(ours):
+        ours = ours.assign(protocol=ours["table"].map(kind), table=ours["table"].map(family))
     table = paper.assign(mean=float("nan")) if ours is None or not len(ours) else \
         ours.merge(paper, on=["table", "method"], how="outer")
     table["like for like"] = table["table"].eq("Trainable parameters")
     table["ours (mean ± std)"] = table.apply(_ours_text, axis=1) if ours is not None and len(ours) else ""
-    cols = ["table", "method", "paper", "paper label", "paper setting", "ours (mean ± std)", "ours", "like for like"]
-    return table[[c for c in cols if c in table]].sort_values(["table", "method"]).reset_index(drop=True)
+    cols = ["table", "method", "paper", "paper label", "paper setting", "ours (mean ± std)", "protocol", "ours",
+            "like for like"]
+    keys = [k for k in ("table", "method", "protocol") if k in table]
+    return table[[c for c in cols if c in table]].sort_values(keys, na_position="first").reset_index(drop=True)
 
 
 def _ours_text(r) -> str:
