@@ -166,14 +166,18 @@ def test_rlrr_official_hparams_search_no_grid_for_rlrr_and_count_the_cooldown():
 
 def test_protocol_official_adds_the_harness_and_per_epoch_test_scoring():
     from vitadapt.plan import estimate
-    clean, both = (estimate("gpu", ["10_explora_dinov2"], {"protocol": p})[0] for p in ("clean", "both"))
+    aug = {"official_lp_augment": True, "official_lp_iterations": 0}       # the augmented harness, 10 passes
+    clean, both = (estimate("gpu", ["10_explora_dinov2"], {"protocol": p, **aug})[0] for p in ("clean", "both"))
     assert clean["train_images"] == both["train_images"]
     n_train, n_val, n_test = 20 * 45, 10 * 45, 40 * 45                       # RESISC45 at 20 / 10 / 40 per class
     harness = 10 * (n_train // 256) * 256 + n_val + n_test                  # official_lp_epochs 10 of batch 256
     tracked = (-(-150 * 64 // n_train) - 1) * n_test                         # 150 steps of 64: a test pass per epoch
     assert both["eval_images"] - clean["eval_images"] == 5 * 3 * (harness + tracked) and both["est_s"] > clean["est_s"]
-    a, b = (estimate("gpu", ["10_explora_dinov2"], {"official_lp_iterations": i})[0] for i in (100, 200))
+    a, b = (estimate("gpu", ["10_explora_dinov2"], {"official_lp_iterations": i, "official_lp_augment": True})[0]
+            for i in (100, 200))
     assert b["eval_images"] - a["eval_images"] == 5 * 3 * 100 * 256          # iterations x batch augmented forwards
+    once = estimate("gpu", ["10_explora_dinov2"], {"protocol": "both"})[0]     # the gpu profile: features once
+    assert once["eval_images"] - clean["eval_images"] == 5 * 3 * (n_train + n_val + n_test + tracked)
     abl = {p: estimate("gpu", ["12_explora_ablations"], {"protocol": p})[0] for p in ("clean", "both")}
     assert abl["both"]["est_s"] > abl["clean"]["est_s"]                        # the harness, no fine-tune there
     r_clean, r_both = (estimate("gpu", ["30_rlrr"], {"protocol": p})[0] for p in ("clean", "both"))

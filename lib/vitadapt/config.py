@@ -81,7 +81,7 @@ def _weight_names() -> list[str]:
 class ExperimentConfig:
     """Fields every experiment shares: profile, data, backbone, evaluation scale and devices."""
 
-    profile: Literal["smoke", "cpu", "gpu", "paper"] = opt("smoke", "Profile: smoke (synthetic, tiny random ViT), cpu (real weights and data, small scale), gpu (one GPU, about 1.3 h for the suite), paper (published settings).")
+    profile: Literal["smoke", "cpu", "gpu", "paper"] = opt("smoke", "Profile: smoke (synthetic, tiny random ViT), cpu (real weights and data, small scale), gpu (one GPU, about 1.2 h for the suite), paper (published settings).")
     dataset: str = opt("synthetic", "Labelled target dataset (a name in vitadapt.data.DATASETS).", choices=_dataset_names)
     data_root: str = opt("", "Root folder of the dataset: when given, it must hold the dataset (else an error naming it); '' uses $VITADAPT_<NAME>_ROOT when set (the same rule), else searches data/<name> and ../shared/data/<name>.")
     weights: str = opt("random", "Weight source (a name in vitadapt.models.WEIGHTS) or a path to a local checkpoint.")
