@@ -184,6 +184,29 @@ def split_views(batch: Any) -> list[Tensor]:
     return list(batch)
 
 
+@torch.no_grad()
+def ema_update(pairs, momentum: float, buffers: bool = False) -> None:
+    """EMA of every ``(source, target)`` module pair: ``theta_t <- m * theta_t + (1 - m) * theta_s`` with ``m =
+    momentum`` for each target parameter whose source twin trains (frozen twins are equal already, and skipping them
+    keeps them bit-identical instead of drifting by rounding, which lightly's ``update_momentum`` would cause);
+    ``buffers``: the target's buffers (batch-norm statistics) copied from the source. RuntimeError when a pair's
+    parameters differ in name (another structure)."""
+    src, dst = [], []
+    for s_mod, t_mod in pairs:
+        for (ns, ps), (nt, pt) in zip(s_mod.named_parameters(), t_mod.named_parameters()):
+            if ns != nt:
+                raise RuntimeError(f"source and EMA copy differ in structure: {ns} vs {nt}")
+            if ps.requires_grad:
+                src.append(ps.detach())
+                dst.append(pt)
+        if buffers:
+            for bt, bs in zip(t_mod.buffers(), s_mod.buffers()):
+                bt.copy_(bs)
+    if dst and momentum < 1.0:
+        torch._foreach_mul_(dst, momentum)
+        torch._foreach_add_(dst, src, alpha=1.0 - momentum)
+
+
 # -------------------------------------------------------------------------------------------- transform
 class DinoV2Augment:
     """DinoV2's multi-crop augmentation of one image: ``[global_0, global_1, local_0 .. local_{n-1}]``.
@@ -376,16 +399,7 @@ class DinoV2Objective(nn.Module):
         Advances the step counter to ``step + 1``. Returns ``m``."""
         step = int(self.step_count) if step is None else int(step)
         m = self.teacher_momentum(step)
-        src, dst = [], []
-        for s_mod, t_mod in self._pairs():
-            for (ns, ps), (nt, pt) in zip(s_mod.named_parameters(), t_mod.named_parameters()):
-                if ns != nt:
-                    raise RuntimeError(f"student and teacher differ in structure: {ns} vs {nt}")
-                if ps.requires_grad:
-                    src.append(ps.detach())
-                    dst.append(pt)
-        if dst and m < 1.0:
-            torch._foreach_lerp_(dst, src, 1.0 - m)
+        ema_update(self._pairs(), m)
         self.step_count.fill_(step + 1)
         self._micro = 0
         return m

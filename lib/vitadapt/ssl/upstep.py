@@ -447,13 +447,9 @@ class UpStepObjective(nn.Module):
         statistics) copied from the online head. Nothing for the other streams."""
         if self.offline_stream != "ema":
             return
-        m = self.offline_momentum
-        for off, on in ((self.offline_model, self.model), (self.offline_head, self.head)):
-            for po, p in zip(off.parameters(), on.parameters()):
-                if p.requires_grad:
-                    po.mul_(m).add_(p.detach(), alpha=1 - m)
-            for bo, b in zip(off.buffers(), on.buffers()):
-                bo.copy_(b)
+        from vitadapt.ssl.dinov2 import ema_update
+        ema_update(((self.model, self.offline_model), (self.head, self.offline_head)), self.offline_momentum,
+                   buffers=True)
 
     def on_step(self, step: int, module: nn.Module | None = None) -> None:
         """``on_step`` for ``vitadapt.train.fit``: after a step whose loss was back-propagated (an optimizer step),
