@@ -50,6 +50,8 @@ __all__ = ["TensorSet", "materialize", "train_transform", "finetune_classifier",
            "best_epoch"]
 
 MATERIALIZE_LIMIT_BYTES = 2 * 2**30
+#: what a retrain's row adds when test was tracked every epoch (:func:`_with_best`)
+BEST_KEYS = ("test_acc_best_epoch", "best_step", "tracked_points")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -294,6 +296,8 @@ def finetune_classifier(model: nn.Module, train_ds: Dataset, eval_sets: dict[str
             raise ValueError(f"labels of {name!r} lie in [{t.min()}, {t.max()}], outside 0..{num_classes - 1}")
     if augment not in (False, True, "flip"):
         raise ValueError(f"augment={augment!r} is not valid; valid values: False, True, 'flip'")
+    if track_every is not None and track_every < 1:
+        raise ValueError(f"track_every={track_every} must be >= 1")
     fabric = fabric or make_fabric()
     seed_everything(seed)
     if isinstance(train_ds, TensorSet):
@@ -315,10 +319,8 @@ def finetune_classifier(model: nn.Module, train_ds: Dataset, eval_sets: dict[str
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         return loss, {"acc": (logits.argmax(1) == y).float().mean()}
 
-    every = track_every or max(1, len(loader) // (fabric.world_size * int(getattr(fabric, "run_settings", {})
-                                                                         .get("accumulate", 1))))
-    if every < 1:
-        raise ValueError(f"track_every={track_every} must be >= 1")
+    per_epoch = _steps(len(train), batch_size, None, 1, fabric)       # optimizer steps of one epoch
+    every = track_every or per_epoch
 
     def tracked(step, _module):          # the raw model: scored on every rank's share, summed (evaluate)
         if not track or ((step + 1) % every and step + 1 != n_steps):
@@ -329,7 +331,7 @@ def finetune_classifier(model: nn.Module, train_ds: Dataset, eval_sets: dict[str
     res = fit(fabric, model, loss_fn, loader, steps=n_steps, lr=lr, weight_decay=weight_decay,
               warmup=_warmup_steps(warmup, n_steps), grad_clip=grad_clip, progress=progress,
               on_step=tracked if track else None,
-              lr_schedule=lr_schedule(n_steps, _steps(len(train), batch_size, None, 1, fabric), lr) if lr_schedule else None)
+              lr_schedule=lr_schedule(n_steps, per_epoch, lr) if lr_schedule else None)
     curves = {name: [(int(h["step"]) + 1, float(h[f"track_{name}"])) for h in res.history if f"track_{name}" in h]
               for name in (track or {})}
     t0 = time.perf_counter()
@@ -355,14 +357,14 @@ def best_epoch(curve: Sequence[tuple[int, float]], steps_per_epoch: int | None =
             **({"best_epoch": max(1, round(step / steps_per_epoch))} if steps_per_epoch else {})}
 
 
-def _with_best(row: dict, r: dict, name: str = "test") -> dict:
-    """``row`` plus the best tracked accuracy of ``name`` in the fine-tune result ``r`` (when it was tracked):
-    ``test_acc_best_epoch``, ``best_step`` and the points it was chosen among."""
-    curve = r.get("tracked", {}).get(name)
+def _with_best(row: dict, r: dict) -> dict:
+    """``row`` plus the best tracked test accuracy in the fine-tune result ``r`` (when test was tracked):
+    :data:`BEST_KEYS`, ``test_acc_best_epoch``, ``best_step`` and the points it was chosen among."""
+    curve = r.get("tracked", {}).get("test")
     if not curve:
         return row
     b = best_epoch(curve)
-    return {**row, f"{name}_acc_best_epoch": b["best_acc"], "best_step": b["best_step"], "tracked_points": b["points"]}
+    return {**row, **dict(zip(BEST_KEYS, (b["best_acc"], b["best_step"], b["points"])))}
 
 
 def select_then_test(make_model: Callable[..., nn.Module], splits, grid: Sequence[dict], *, num_classes: int | None = None,
@@ -522,7 +524,7 @@ def train_then_test(make_model: Callable[..., nn.Module], splits, grid: Sequence
     t = r["test"][0]
     return {"test_acc": t["test_acc"], "val_acc": r["val_acc"], "point": r["selected"][seed],
             "chosen": "on val", "trainable": r["trainable"], "wall_time_s": r["wall_time_s"], "steps": t["steps"],
-            **{k: t[k] for k in ("test_acc_best_epoch", "best_step", "tracked_points") if k in t}}
+            **{k: t[k] for k in BEST_KEYS if k in t}}
 
 
 def lora_classifier(model: nn.Module, num_classes: int, rank: int, targets, drop_path: float = 0.0,
@@ -593,6 +595,6 @@ def seed_rows(r: dict, select_each_seed: bool = False, **const) -> list[dict]:
         out.append({"seed": t["seed"], "test_acc": t["test_acc"], "val_acc": val, "lr": point["lr"],
                     "weight_decay": point["weight_decay"], "trainable": t["trainable"],
                     "train_time_s": t["wall_time_s"], "select_time_s": grid_time, **const,
-                    **{k: t[k] for k in ("test_acc_best_epoch", "best_step", "tracked_points") if k in t},
+                    **{k: t[k] for k in BEST_KEYS if k in t},
                     **({"diverged": t["diverged"]} if t.get("diverged") else {})})
     return out
