@@ -159,9 +159,9 @@ def test_rlrr_official_hparams_search_no_grid_for_rlrr_and_count_the_cooldown():
     assert official["train_images"] == len(cfg.tasks) * steps(runs - 1)      # every method but RLRR searches its grid
     assert grid["train_images"] == len(cfg.tasks) * steps(runs)
     assert rlrr.plan(cfg, runs)["total_steps"] * 32 == official["train_images"]   # what 30 prints agrees
-    assert rlrr.plan(cfg, 4, shared_grid=True)["total_steps"] == len(cfg.tasks) * 4 * 3 * 31 * epochs  # 31: no search
+    assert rlrr.plan(cfg, 4, ablations=True)["total_steps"] == len(cfg.tasks) * 4 * 3 * 31 * epochs  # 31: no search
     searched = build_config(RLRRConfig, "paper", "30_rlrr", hparams="grid")
-    assert rlrr.plan(searched, 4, shared_grid=True)["total_steps"] == len(cfg.tasks) * (n_grid * 25 + 4 * 3 * 31) * epochs
+    assert rlrr.plan(searched, 4, ablations=True)["total_steps"] == len(cfg.tasks) * (n_grid * 25 + 4 * 3 * 31) * epochs
 
 
 def test_protocol_official_adds_the_harness_and_per_epoch_test_scoring():

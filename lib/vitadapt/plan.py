@@ -147,15 +147,8 @@ def _rlrr(cfg, ablations: bool) -> tuple[float, float, str]:
     from vitadapt.finetune import select_then_test_steps
     from vitadapt.protocol import selection
     runs = len(distinct_variants(cfg)) if ablations else len(cfg.methods)
-    shared = ablations and cfg.ablation_grid == "shared"
-    n_grid = len(cfg.lr_multipliers) * len(cfg.weight_decays)
-    points = n_grid * (len(cfg.seeds) if cfg.select_each_seed else 1)
-    fixed = cfg.hparams == "official"                 # RLRR at the task's official point on train + val: no search
-    searched = n_grid > 1 or not (shared or fixed)    # a one-point grid is scored on val only with validate_single
-    if ablations:                                     # every run an RLRR variant
-        searches = 0 if fixed or not searched else 1 if shared else runs
-    else:
-        searches = sum(searched and not (fixed and m == "rlrr") for m in cfg.methods)
+    points = len(cfg.lr_multipliers) * len(cfg.weight_decays) * (len(cfg.seeds) if cfg.select_each_seed else 1)
+    searches = cfg.grid_searches(runs, ablations)     # as rlrr._run: RLRR at an official point searches nothing
     epochs = cfg.epochs + cfg.cooldown_epochs
     tests = math.ceil(epochs) if selection.official(cfg) else 1     # test passes of a run (scored every epoch)
     train = infer = 0.0

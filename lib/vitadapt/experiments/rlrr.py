@@ -121,7 +121,7 @@ class RLRRConfig(ExperimentConfig, selection.ProtocolSettings, recipe.RecipeSett
 
     def kwargs(self, method: str) -> dict:
         """The :func:`~vitadapt.peft.baselines.build` kwargs of a baseline (LoRA: its rank)."""
-        return {"r": self.lora_rank} if method == "lora" else {}
+        return recipe.method_kwargs(method, self.lora_rank)
 
 
 def load_task(cfg: RLRRConfig, task: str, probe: bool = False) -> Splits:
@@ -228,18 +228,17 @@ def _run(cfg: RLRRConfig, setup, vit, log, arms: dict[str, tuple[str, dict]], ke
     return selection.as_protocol(cfg, pd.DataFrame(rows)), pd.DataFrame(grid_rows)
 
 
-def plan(cfg: RLRRConfig, n_runs_per_task: int, shared_grid: bool = False) -> dict:
-    """Optimizer steps (of batch x devices x accumulation images): ``n_runs_per_task`` per task (``cfg.methods``' when
-    as many and not ``shared_grid``, else RLRR variants), each searching the grid but RLRR's under hparams official."""
+def plan(cfg: RLRRConfig, n_runs_per_task: int, ablations: bool = False) -> dict:
+    """Optimizer steps (of batch x devices x accumulation images): ``n_runs_per_task`` per task (30: ``methods``;
+    31, ``ablations``: RLRR variants), with as many grid searches as :func:`_run` makes
+    (:meth:`~vitadapt.experiments.rlrr_recipe.RecipeSettings.grid_searches`)."""
     if not cfg.n_train:
         return {"note": "n_train=0: the whole training split; steps depend on its size"}
     n_grid = len(cfg.lr_multipliers) * len(cfg.weight_decays) * (len(cfg.seeds) if cfg.select_each_seed else 1)
     per_step = cfg.batch_size * cfg.devices * cfg.num_nodes * cfg.accumulate_grad_batches
-    rlrr = n_runs_per_task if shared_grid or n_runs_per_task != len(cfg.methods) else int("rlrr" in cfg.methods)
-    fixed = rlrr if cfg.hparams == "official" else 0        # RLRR at its task's official point: nothing searched
     return select_then_test_steps(cfg.n_train, cfg.n_val, batch_size=per_step, epochs=cfg.epochs + cfg.cooldown_epochs,
                                   grid_points=n_grid, seeds=len(cfg.seeds), runs=n_runs_per_task, tasks=len(cfg.tasks),
-                                  searches=(0 if fixed else 1) if shared_grid else n_runs_per_task - fixed)
+                                  searches=cfg.grid_searches(n_runs_per_task, ablations))
 
 
 # ---- 30_rlrr ------------------------------------------------------------------------------------------------

@@ -163,8 +163,13 @@ def zero_head(model: nn.Module) -> nn.Module:
 def trainable_counts(arch: str, methods, img_size: int = 224, arch_kwargs: dict | None = None,
                      adapt_blocks: int = 0, lora_rank: int = 8) -> pd.DataFrame:
     """Trainable parameters (no head) per method on ``arch`` (built on the meta device: no memory, no weights)."""
-    kw = lambda m: {"r": lora_rank} if m == "lora" else {}     # RLRRConfig.kwargs
-    return counts.table(arch, {m: partial(build, m, **kw(m)) for m in methods}, img_size, arch_kwargs, adapt_blocks)
+    return counts.table(arch, {m: partial(build, m, **method_kwargs(m, lora_rank)) for m in methods}, img_size,
+                        arch_kwargs, adapt_blocks)
+
+
+def method_kwargs(method: str, lora_rank: int = 8) -> dict:
+    """The :func:`~vitadapt.peft.baselines.build` kwargs of a baseline (LoRA: its rank)."""
+    return {"r": lora_rank} if method == "lora" else {}
 
 
 def paper_count_table(methods) -> pd.DataFrame:
@@ -222,6 +227,18 @@ class RecipeSettings:
             o = official_task(task)
             return [{"lr": o.lr, "weight_decay": o.weight_decay}]
         return self.grid(method)
+
+    def grid_searches(self, runs: int, ablations: bool = False) -> int:
+        """Grid searches per task of ``runs`` runs, as :func:`vitadapt.experiments.rlrr._run` makes them: 30's runs
+        are ``methods``, each searching its grid but RLRR under ``hparams='official'`` (its fixed point); 31's
+        (``ablations``) are RLRR variants, one shared search per task (``ablation_grid='shared'``), one each, or
+        none under ``hparams='official'``. A one-point grid is scored on val only where nothing else fixes it."""
+        n_grid = len(self.lr_multipliers) * len(self.weight_decays)
+        shared, fixed = ablations and self.ablation_grid == "shared", self.hparams == "official"
+        searched = n_grid > 1 or not (shared or fixed)
+        if ablations:
+            return 0 if fixed or not searched else 1 if shared else runs
+        return sum(searched and not (fixed and m == "rlrr") for m in self.methods)
 
     def task_augment(self, task: str) -> bool | str:
         """The fine-tune's ``augment`` on ``task``: under ``hparams='official'`` "flip" where the official code
