@@ -399,12 +399,11 @@ def _fit(fabric, module: nn.Module, loss_fn, loader, *, steps: int, lr: float, w
             if ckpt_path is not None:
                 save_checkpoint(fabric, ckpt_path, module, opt, step, config, result, it, should_backward)
             break
-        base_now = lr_at(step)
+        cur_lr = lr_at(step)                         # the peak-relative rate of the step; groups scale it
         wd_now = weight_decay if wd_schedule is None else wd_schedule(step)
         for g in opt.param_groups:
-            g["lr"] = base_now * g["lr_scale"]
+            g["lr"] = cur_lr * g["lr_scale"]
             g["weight_decay"] = wd_now * g["wd_scale"]
-        cur_lr = base_now
 
         def forward(logged: bool = True):
             """A batch's loss, its logs (``logged``) as floats and the loss value; with several ranks, one collective
@@ -429,7 +428,7 @@ def _fit(fabric, module: nn.Module, loss_fn, loader, *, steps: int, lr: float, w
             return loss, logs, float(value)
 
         loss, logs, value = forward()
-        logs.update(step=step, loss=value, lr=base_now, **({"wd": wd_now} if wd_schedule is not None else {}))
+        logs.update(step=step, loss=value, lr=cur_lr, **({"wd": wd_now} if wd_schedule is not None else {}))
         do_backward = True if should_backward is None else bool(should_backward(step, logs))
         if should_backward is not None and fabric.world_size > 1:
             do_backward = bool(fabric.broadcast(do_backward, src=0))   # every rank must agree, or DDP hangs

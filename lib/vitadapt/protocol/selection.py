@@ -61,7 +61,7 @@ def kind(name: str) -> str:
     rule) or ``"clean"``."""
     if name.endswith(OFFICIAL):
         return "official"
-    return "official, chosen on val" if " (official" in name else "clean"
+    return VAL if " (official" in name else "clean"
 
 
 def fine_tune_rows(cfg, row: dict, best: float | None, best_note: str = "") -> list[dict]:
