@@ -63,6 +63,7 @@ class PretrainSettings:
     local_scale_max: float = opt(0.32, "Largest area fraction of a local crop (DinoV2: 0.05 to 0.32).", min=0.05, max=1.0)
     teacher_momentum: float = opt(0.992, "EMA momentum of the teacher at the start (cosine to 1).", min=0.0, max=1.0)
     teacher_temp_warmup_steps: int = opt(0, "Teacher temperature warm-up 0.04 -> 0.07 (steps).", min=0)
+    koleo_weight: float = opt(0.1, "DinoV2: weight of the KoLeo regulariser that spreads the CLS features (DINOv2: 0.1); 0 = none (which part of the loss drives an effect).", min=0.0, max=100.0)
     centering: Literal["centering", "sinkhorn"] = opt("centering", "Teacher normalisation: centering (ExPLoRA default) or sinkhorn.")
     eval_weights: Literal["teacher", "student"] = opt("teacher", "DinoV2: which backbone is kept after pre-training (official evaluation: teacher).")
     # MAE objective
@@ -219,7 +220,7 @@ def build_objective(s: PretrainSettings, student: nn.Module, seed: int, steps: i
         obj = DinoV2Objective(student, total_steps=steps or s.pretrain_steps, n_prototypes=s.n_prototypes,
                               hidden_dim=s.head_hidden_dim, bottleneck_dim=s.head_bottleneck_dim,
                               momentum=s.teacher_momentum, teacher_temp_warmup_steps=s.teacher_temp_warmup_steps,
-                              centering=s.centering, seed=seed, train_mask_token=s.mask_token == "trainable",
+                              centering=s.centering, koleo_weight=s.koleo_weight, seed=seed, train_mask_token=s.mask_token == "trainable",
                               mask_token_init=None if on_meta else _mask_token(str(getattr(s, "weights", ""))))
         return (obj, *dinov2_loss_fn(obj))
     from vitadapt.ssl.mae import MAEObjective, mae_decoder_state_dict, mae_loss_fn
