@@ -73,8 +73,9 @@ def test_fallbacks_are_tried_in_order_and_recorded(no_torchgeo_data):
 
 
 def test_without_fallbacks_nothing_changes():
-    cfg = build_config(ExperimentConfig, "cpu")
-    assert setup.resolve_fallbacks(cfg) == (cfg, None)          # the cpu and smoke profiles are untouched
+    cfg = build_config(ExperimentConfig, "smoke")
+    assert setup.resolve_fallbacks(cfg) == (cfg, None)          # the smoke profile is untouched (cpu: AID's
+    # fallback to UCMerced, tests/test_cpu_fallback.py)
 
 
 def test_gpu_profile_offline_falls_back_to_aid_and_imgfocus_saying_so(no_torchgeo_data, no_cuda, shared_aid,

@@ -114,7 +114,11 @@ def folder_with_manifest(name: str, root: Path, manifest: Path, source: str, ski
 
 
 LAYOUTS["aid"] = Layout("the 30 AID class folders of JPEGs (Airport/, BareLand/, ..., Viaduct/)",
-                        lambda p: (p / "Airport").is_dir() and (p / "Viaduct").is_dir())
+                        lambda p: (p / "Airport").is_dir() and (p / "Viaduct").is_dir(),
+                        "AID is distributed by its authors (Xia et al. 2017, \"AID: A Benchmark Dataset for Performance "
+                        "Evaluation of Aerial Scene Classification\", the AID dataset page of Wuhan University): unpack "
+                        "it so that <root>/<ClassName>/<file>.jpg (e.g. Airport/airport_1.jpg, as listed in "
+                        "data_manifests/aid_split.csv); `make verify-data` checks it.")
 
 
 @register("aid")

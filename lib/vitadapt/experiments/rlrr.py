@@ -33,7 +33,7 @@ from torch import nn
 from vitadapt import papers
 from vitadapt.papers import RLRR_OFFICIAL as OFFICIAL
 from vitadapt.config import ExperimentConfig, opt
-from vitadapt.data import Splits
+from vitadapt.data import Splits, get_dataset
 from vitadapt.data.vtab import vtab_task
 from vitadapt.eval import normalization
 from vitadapt.experiments import rlrr_recipe as recipe
@@ -125,7 +125,10 @@ class RLRRConfig(ExperimentConfig, selection.ProtocolSettings, recipe.RecipeSett
 
 
 def load_task(cfg: RLRRConfig, task: str, probe: bool = False) -> Splits:
-    """The VTAB-1k-style splits of ``task`` (``probe``: only check that the source is there)."""
+    """The VTAB-1k-style splits of ``task`` (``probe``: only check that the source is there, downloading nothing: a
+    torchgeo set that a real run downloads passes where its server is reachable)."""
+    if probe and ":" not in task:
+        return get_dataset(task, size=cfg.data_size, bins=cfg.bins, download=False)
     n = (1, 1, 1) if probe else (cfg.n_train, cfg.n_val, cfg.n_test)
     return vtab_task(task, cfg.data_seed, n_train=n[0], n_val=n[1], n_test=n[2], size=cfg.data_size, bins=cfg.bins,
                      vtab1k_root=cfg.vtab1k_root, fgvc_root=cfg.fgvc_root)

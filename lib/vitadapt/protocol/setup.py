@@ -206,9 +206,20 @@ def resolve_fallbacks(cfg: ExperimentConfig, explicit: tuple = (), say: Callable
         say(f"{bar} {msg} {bar}")
         warnings.warn(msg, stacklevel=2)
         return cand, rec
-    rec.update(reason="not available here, nor any fallback: " + "; ".join(first), tried=tried)
-    say(f"fallback: none of cfg.fallbacks is available here either ({'; '.join(tried)})")
+    rec.update(reason="not available here, nor any fallback: " + "; ".join(first), tried=tried,
+               how=how_to_get(_data_used(cfg), first))
+    say(f"fallback: none of cfg.fallbacks is available here either ({'; '.join(tried)})"
+        + "".join(f"\n{h}" for h in rec["how"]))
     return cfg, rec
+
+
+def how_to_get(names, missing: list[str]) -> list[str]:
+    """How to get each dataset of ``names`` that a line of ``missing`` (:func:`unavailable`) names and whose
+    layout has a hint (e.g. AID: where its authors distribute it and the folder layout expected)."""
+    from vitadapt.data import LAYOUTS, root_env
+    return [f"{n}: {LAYOUTS[n].hint} Then data_root=..., ${root_env(n)} or data/{n}."
+            for n in dict.fromkeys(names) if getattr(LAYOUTS.get(n), "hint", "")
+            and any(f"{n!r}" in line for line in missing)]
 
 
 @dataclass
@@ -236,7 +247,9 @@ def start(notebook: str, config_cls: type[ExperimentConfig], profile: str, threa
           quiet: bool = False, trains: bool = True, **params) -> Setup:
     """Build and validate the config (bad values fail here, before any work), set torch up (``threads``; tiny
     smoke models run on one), open the run record and, for a notebook that ``trains`` on data, decide whether this
-    is a dry run (the others, reading only our own outputs or shapes, always run)."""
+    is a dry run (the others, reading only our own outputs or shapes, always run). Inputs not available here are
+    replaced by the first available of ``cfg.fallbacks`` (:func:`resolve_fallbacks`); with none available and
+    ``dry_run='no'``, a :class:`DataMissingError` names what is missing and how to get it."""
     from vitadapt.results import Run
     cfg = build_config(config_cls, profile, notebook, **params)
     if trains and cfg.dry_run == "no" and (problems := device_problems(cfg)):
@@ -245,6 +258,10 @@ def start(notebook: str, config_cls: type[ExperimentConfig], profile: str, threa
     if trains:
         cfg, fallback = resolve_fallbacks(cfg, tuple(k for k, v in params.items() if v is not None),
                                           print if not quiet else (lambda _: None))
+        if fallback and fallback["fallback"] is None and fallback["reason"] and cfg.dry_run == "no":
+            raise DataMissingError(f"{fallback['reason']}; {'; '.join(fallback['tried'])}. "
+                                   + " ".join(fallback["how"])
+                                   + " (dry_run='no'; dry_run='auto' plans the run instead)")
     setup_torch(threads if threads is not None else (getattr(cfg, "threads", 0) or
                                                      (1 if cfg.profile == "smoke" else None)))
     run = Run(notebook, cfg, quiet=quiet)
