@@ -83,7 +83,7 @@ def _needs_fashion_mnist(nb):
             pytest.skip(str(e))
 
 
-@pytest.mark.parametrize("nb", ["01_baselines", "10_explora_dinov2", "20_upstep", "30_rlrr"])
+@pytest.mark.parametrize("nb", ["00_data_and_backbones", "01_baselines", "10_explora_dinov2", "20_upstep", "30_rlrr"])
 def test_cpu_profile_without_aid_falls_back_to_ucmerced_loudly(nb, no_aid, ucmerced_download, tmp_path, capsys):
     _needs_fashion_mnist(nb)
     with pytest.warns(UserWarning, match="FALLBACK"):
@@ -96,7 +96,7 @@ def test_cpu_profile_without_aid_falls_back_to_ucmerced_loudly(nb, no_aid, ucmer
     rec = S.run.record()["sources"]["fallback"]
     assert rec["fallback"] == 0 and "ucmerced" in rec["dataset_used"] and "aid" in rec["configured"]["data"]
     assert "dataset 'aid' not found" in rec["reason"]
-    if nb == "01_baselines":                                    # 30 test images per class do not fit UCMerced
+    if nb[:2] in ("00", "01"):                                  # 30 test images per class do not fit UCMerced
         assert (S.cfg.n_train_per_class, S.cfg.n_val_per_class, S.cfg.n_test_per_class) == (40, 10, 15)
     if nb == "10_explora_dinov2":                               # its own sizes stay
         assert (S.cfg.n_train_per_class, S.cfg.n_val_per_class, S.cfg.n_test_per_class) == (6, 3, 5)
