@@ -5,6 +5,10 @@ import torch
 
 os.environ.setdefault("VITADAPT_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# trained products (vitadapt.protocol.products) are not shared between tests: a test that trains twice trains twice;
+# tests/test_product_cache.py turns them on in a temporary VITADAPT_CACHE
+os.environ.setdefault("VITADAPT_PRETRAIN_CACHE", "0")
+os.environ.setdefault("VITADAPT_UPSTEP_CACHE", "0")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -17,6 +17,13 @@ pre-training. Every pre-training variant sees the same images in the same order 
 learning rate (a controlled comparison, not a per-variant tuned one). Each run records its trainable parameters,
 wall time and peak memory (on CPU: the process's resident-set high-water mark, reset before each run).
 
+A pre-trained (variant, seed) is a product shared by notebooks 10, 11, 12 and reruns (:mod:`vitadapt.protocol.products`):
+the merged backbone, its record and history are stored under ``$VITADAPT_CACHE/pretrained/``, keyed by
+:func:`pretrain_key` (every pre-training setting, the trainable set, variant, seed, the drawn images, the base
+weights, the MAE decoder, the numerics and the sources); a second run with the same key loads them. Its record keeps
+the wall time, steps and memory measured when it was trained, with ``cached: True`` and ``cache_key``.
+``VITADAPT_PRETRAIN_CACHE=0`` turns the cache off; under torchrun/SLURM (world size > 1) it is off.
+
 The ablations (notebook 12) change one knob at a time around the configured ExPLoRA default: unfrozen blocks
 (``none``, ``L``, ``1,L``, ``1,L-1,L``), LoRA rank, LoRA targets (``q,v``, ``q,k,v``, ``+proj``, ``+mlp``) and
 whether the LayerNorms train. Published numbers and the named choices live in :mod:`vitadapt.papers`.
@@ -41,7 +48,7 @@ from vitadapt.jobs import checkpoint_every_s, diverged_row
 from vitadapt.paths import resolve
 from vitadapt.peft.common import count_total, count_trainable
 from vitadapt.peft.explora import apply_explora, parse_targets, parse_unfreeze, targets_label, unfreeze_label
-from vitadapt.protocol import counts, grid, lora_eval, official_probe, report, selection, setup, tables
+from vitadapt.protocol import counts, grid, lora_eval, official_probe, products, report, selection, setup, tables
 from vitadapt.protocol.counts import explora_recipe as paper_counts  # noqa: F401  (the notebooks' name)
 from vitadapt.ssl import continued
 from vitadapt.vit import meta_vit
@@ -190,7 +197,9 @@ def pretrain_variant(cfg: ExploraConfig, variant: str, seed: int, base: tuple[nn
     """Extended pre-training of ``variant`` on a copy of the base model (``base`` = (model, info); loaded when not
     given; never modified), then merge. ``frozen`` returns the base model itself, untrained. The record holds the
     trainable backbone parameters (and the objective's own: heads, mask token, decoder), steps, images seen, wall
-    time, seconds per step, peak memory and its increment over the level before the run, and the final losses."""
+    time, seconds per step, peak memory and its increment over the level before the run, and the final losses.
+    With the same :func:`pretrain_key` as an earlier finished run, the stored result is loaded instead of training
+    (record: the measured cost of that run, ``cached: True``, ``cache_key``); ``ckpt`` then goes unused."""
     from vitadapt.train import fabric_from_config, fit, reset_peak_memory, seed_everything
     base_model, _ = base or load_base(cfg, verbose=False)
     label, total = label or variant, count_total(base_model)
@@ -199,6 +208,11 @@ def pretrain_variant(cfg: ExploraConfig, variant: str, seed: int, base: tuple[nn
         rec.update(dict.fromkeys(COSTS), trainable_backbone=0, trainable_fraction=0.0, trainable_objective=0, steps=0,
                    images_seen=0, wall_time_s=0.0)
         return Pretrained(label, seed, base_model, rec, [])
+    pool = pretrain_pool(cfg, seed)
+    store = products.ProductCache("pretrained", pretrain_key(cfg, variant, seed, base_model, decoder_state, pool)
+                                  if products.enabled("pretrained") else {})
+    if (hit := _cached(store, base_model, rec)) is not None:
+        return hit
     fabric = fabric or fabric_from_config(cfg)
     seed_everything(seed)
     student = apply_variant(cfg, copy.deepcopy(base_model), variant)
@@ -207,8 +221,7 @@ def pretrain_variant(cfg: ExploraConfig, variant: str, seed: int, base: tuple[nn
     n_obj = count_trainable(objective) - n_bb          # heads, mask token, decoder (before merging frees everything)
     # reseed (the initialisations above draw differently per variant): every variant sees the same images and crops
     seed_everything(seed)
-    loader = continued.loader(cfg, pretrain_pool(cfg, seed), cfg.img_size, seed, cfg.num_workers, cfg.pin_memory,
-                              cfg.persistent_workers)
+    loader = continued.loader(cfg, pool, cfg.img_size, seed, cfg.num_workers, cfg.pin_memory, cfg.persistent_workers)
     level = reset_peak_memory(fabric.device)
     res = fit(fabric, objective, loss_fn, loader, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, on_step=on_step,
               progress=progress, ckpt_path=ckpt, ckpt_every_s=checkpoint_every_s() if ckpt else None,
@@ -217,7 +230,56 @@ def pretrain_variant(cfg: ExploraConfig, variant: str, seed: int, base: tuple[nn
     rec.update(trainable_backbone=n_bb, trainable_fraction=n_bb / total, trainable_objective=n_obj,
                **res.cost(cfg.pretrain_batch_size, level), **res.final(LOSSES[:1], LOSSES[1:]))
     del objective
-    return Pretrained(label, seed, kept, rec, res.curves(("step", *LOSSES, "lr"), variant=label, seed=seed))
+    history = res.curves(("step", *LOSSES, "lr"), variant=label, seed=seed)
+    if store.on:
+        rec.update(cached=False, cache_key=store.digest)
+        store.save({"state": {k: v.detach().cpu() for k, v in kept.state_dict().items()}, "record": rec,
+                    "history": history})
+    return Pretrained(label, seed, kept, rec, history)
+
+
+#: the trainable-set fields of the config that enter a pre-training's key (with every PretrainSettings field)
+TRAINABLE_SET = ("unfreeze", "rank", "lora_alpha", "targets", "train_norms")
+#: library sources a pre-trained backbone depends on (relative to lib/vitadapt)
+PRETRAIN_SOURCES = (*products.COMMON_SOURCES, "experiments/explora.py")
+
+
+def pretrain_key(cfg: ExploraConfig, variant: str, seed: int, base_model: nn.Module, decoder_state: dict | None = None,
+                 pool: tuple | None = None) -> dict:
+    """Everything that determines :func:`pretrain_variant`'s result: every field of
+    :class:`~vitadapt.ssl.continued.PretrainSettings`, the trainable set (:data:`TRAINABLE_SET`), the variant (not
+    its label), the seed, the pre-training data (name, ``n_pretrain_images`` and a digest of the drawn images'
+    identities, ``pool``: :func:`pretrain_pool`), the base weights' fingerprint, the MAE decoder (the warmed state's
+    digest; the checkpoint file's), the numerics (:data:`vitadapt.protocol.products.NUMERICS`), library versions
+    and a digest of :data:`PRETRAIN_SOURCES`. Evaluation fields (probes, fine-tune, protocol, labelled-set sizes,
+    variants and ablation lists) do not enter."""
+    from vitadapt.eval import model_fingerprint
+    return {"product": "explora pre-training", "variant": variant, "seed": int(seed),
+            "pretrain": products.settings(cfg, cls=continued.PretrainSettings),
+            "trainable_set": products.settings(cfg, TRAINABLE_SET),
+            "numerics": products.settings(cfg, products.NUMERICS),
+            "data": {"dataset": cfg.pretrain_dataset or cfg.dataset, "n_pretrain_images": cfg.n_pretrain_images,
+                     "items": products.items_digest(pool or pretrain_pool(cfg, seed))},
+            "base": model_fingerprint(base_model), "decoder_state": products.state_digest(decoder_state),
+            "decoder_file": products.file_digest(resolve(cfg.mae_decoder)) if cfg.mae_decoder else None,
+            "sources": products.source_digest(PRETRAIN_SOURCES), "env": products.environment()}
+
+
+def _cached(store: products.ProductCache, base_model: nn.Module, rec: dict) -> Pretrained | None:
+    """The stored pre-training of ``store``'s key as a :class:`Pretrained` named as ``rec`` (label, seed), or None.
+    The record keeps the measured cost of the run that trained it, with ``cached: True``."""
+    import warnings
+    if (hit := store.load()) is None:
+        return None
+    model = copy.deepcopy(base_model)
+    try:
+        model.load_state_dict(hit["state"], strict=True)
+    except (RuntimeError, KeyError) as e:
+        warnings.warn(f"ignoring the pre-training cache {store.path} ({str(e)[:120]}); training again", stacklevel=3)
+        return None
+    history = [{**h, "variant": rec["variant"], "seed": rec["seed"]} for h in hit["history"]]
+    return Pretrained(rec["variant"], rec["seed"], model.requires_grad_(True).cpu().eval(),
+                      {**hit["record"], **rec, "cached": True, "cache_key": store.digest}, history)
 
 
 def evaluate_variant(cfg: ExploraConfig, model: nn.Module, info: dict, seed: int, splits: Splits | None = None,
@@ -276,9 +338,11 @@ def _run_grid(cfg: ExploraConfig, jobs: list[tuple[str, str, dict]], run=None, p
             rows = evaluate_variant(vcfg, pre.model, base[1], seed, data["splits"], fabric, cfg.finetune, data["ft"])
             t2 = time.perf_counter()
         accs = ", ".join(f"{r['eval']} " + ("DIVERGED" if r.get("diverged") else f"{r['test_acc']:.3f}") for r in rows)
+        took = f"cached ({pre.record['wall_time_s']:.1f} s when trained)" if pre.record.get("cached") else \
+            f"{t1 - t0:5.1f} s"
         return {"evals": tag(rows), "runs": {**pre.record, "eval_wall_time_s": t2 - t1}, "history": pre.history,
                 "log": f"seed {seed} | {label:<22} | trainable {pre.record['trainable_backbone']:>11,} | "
-                       f"pre-train {t1 - t0:5.1f} s | eval {t2 - t1:5.1f} s | {accs}"}
+                       f"pre-train {took} | eval {t2 - t1:5.1f} s | {accs}"}
     gc.collect()
     gc.freeze()      # what exists now lives on: later collections (before each memory measurement) skip it
     try:
@@ -373,14 +437,15 @@ def accuracy_table(evals: pd.DataFrame, by: str = "variant") -> pd.DataFrame:
 def cost_table(runs: pd.DataFrame, by: str = "variant") -> pd.DataFrame:
     """Cost of the extended pre-training per ``by``, means over seeds: trainable parameters (backbone; objective's
     heads or decoder), fraction of the backbone, steps, images, wall time, seconds per step, peak memory and its
-    increment over the level before the run, final loss."""
-    return tables.means(runs, by, list(COSTS), ints=("trainable_backbone", "trainable_objective", "steps",
-                                                     "images_seen"), digits=COSTS)
+    increment over the level before the run, final loss; runs loaded from the product cache keep the cost measured
+    when they were trained, and their number per ``by`` is a last column when there are some."""
+    return products.with_loaded(tables.means(runs, by, list(COSTS), ints=(
+        "trainable_backbone", "trainable_objective", "steps", "images_seen"), digits=COSTS), runs, by)
 
 
 def summary(res: ExploraResults, by: str = "variant") -> dict:
     """metrics.json content: mean/std/n of test accuracy per (by, eval) and the mean cost per ``by``."""
-    cost = cost_table(res.runs, by) if len(res.runs) else pd.DataFrame()
+    cost = cost_table(res.runs, by).drop(columns=products.LOADED, errors="ignore") if len(res.runs) else pd.DataFrame()
     return {"test_acc": report.summary(res.evals, [by, "eval"]),
             "cost": {str(k): {c: None if pd.isna(v) else float(v) for c, v in row.items()} for k, row in cost.iterrows()}}
 

@@ -16,6 +16,13 @@ Protocol for every (domain, seed):
    cost (backward passes, skipped iterations, wall time, peak memory, trainable parameters) and the centre-vector
    statistics of every step are kept.
 
+An adaptation (domain, seed, settings) is a product shared by notebooks 20, 21 and reruns
+(:mod:`vitadapt.protocol.products`): the adapted backbone, the loop's result (backward passes, skips, wall time,
+per-step statistics) and the trainable counts are stored under ``$VITADAPT_CACHE/upstep/``, keyed by
+:func:`adaptation_key`; a second run with the same key loads them (:func:`adapt_or_load`). Its record keeps the cost
+measured when it was trained, with ``cached: True`` and ``cache_key``. ``VITADAPT_UPSTEP_CACHE=0`` turns the cache
+off; under torchrun/SLURM (world size > 1) it is off.
+
 Everything the public record leaves open is a named choice in ``vitadapt.papers.CHOICES["UpStep"]`` (rendered by
 the notebooks) with a config switch where reasonable alternatives exist. No UpStep result from the paper is printed
 anywhere: its tables are not public.
@@ -41,7 +48,7 @@ from vitadapt.data.unlabelled import Unlabelled, draw
 from vitadapt.eval import eval_transform, loader_options
 from vitadapt.jobs import checkpoint_every_s
 from vitadapt.peft.common import count_total, count_trainable
-from vitadapt.protocol import figures, grid, probe, report, tables
+from vitadapt.protocol import figures, grid, probe, products, report, tables
 from vitadapt.protocol.setup import backbone, chance, check_dataset, dataset, labelled, record_sources
 from vitadapt.ssl.upstep import (ENSEMBLE_MODES, UpStepAugment, UpStepGate, UpStepObjective, build_objective,
                                  ensemble_features, upstep_loss_fn)
@@ -155,9 +162,13 @@ def adaptation_pool(cfg, domain: str, seed: int, labelled_train: Dataset | None 
     return pool, draw(cfg.n_adapt_images, len(pool), 10_000 + seed)
 
 
+def vflip_for(cfg, domain: str) -> float:
+    """Probability of a vertical flip of ``domain``'s adaptation views (``aug_vflip``)."""
+    return {"always": 0.5, "never": 0.0}.get(cfg.aug_vflip, 0.5 if domain.split(":")[-1] in OVERHEAD_DOMAINS else 0.0)
+
+
 def augment_for(cfg, domain: str) -> UpStepAugment:
-    vflip = {"always": 0.5, "never": 0.0}.get(cfg.aug_vflip, 0.5 if domain.split(":")[-1] in OVERHEAD_DOMAINS else 0.0)
-    return UpStepAugment(size=cfg.img_size, scale=(cfg.aug_scale_min, 1.0), vflip=vflip)
+    return UpStepAugment(size=cfg.img_size, scale=(cfg.aug_scale_min, 1.0), vflip=vflip_for(cfg, domain))
 
 
 def adapt(cfg, base_model: torch.nn.Module, images: tuple[Dataset, list[int]], seed: int, domain: str = "",
@@ -182,6 +193,73 @@ def adapt(cfg, base_model: torch.nn.Module, images: tuple[Dataset, list[int]], s
                  ckpt_every_s=checkpoint_every_s() if ckpt else None,
                  config={"domain": domain, "seed": seed})
     return objective.eval(), result
+
+
+#: UpStepConfig fields that only choose what is evaluated (or which jobs run): never part of an adaptation's key
+EVAL_ONLY = ("domains", "forgetting_dataset", "forgetting_fallback", "forgetting_n_train_per_class",
+             "forgetting_n_val_per_class", "forgetting_n_test_per_class", "ensemble_modes", "probe_Cs", "knn_ks",
+             "probe_max_iter", "ablation_domain", "ablate_cvr", "ablate_gate", "ablate_rank", "ablate_cvr_weight",
+             "ablate_offline")
+#: library sources an adapted backbone depends on (relative to lib/vitadapt)
+UPSTEP_SOURCES = (*products.COMMON_SOURCES, "experiments/upstep.py")
+
+
+def adaptation_key(cfg, base_model: torch.nn.Module, images: tuple[Dataset, list[int]], seed: int,
+                   domain: str = "") -> dict:
+    """Everything that determines :func:`adapt`'s result: every field of the config's own class beyond
+    :class:`~vitadapt.config.ExperimentConfig` except :data:`EVAL_ONLY` (steps, batch, optimiser, LoRA, head,
+    prototypes, CVR, offline stream, gate, augmentation, ``n_adapt_images``, and any field added later), the domain
+    and its resolved vertical flip, a digest of the adaptation images' identities (``images``), the seed, the base
+    weights' fingerprint, the numerics (:data:`vitadapt.protocol.products.NUMERICS`), library versions and a digest
+    of :data:`UPSTEP_SOURCES`."""
+    from vitadapt.eval import model_fingerprint
+    base = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    own = [f.name for f in dataclasses.fields(cfg) if f.name not in base and f.name not in EVAL_ONLY]
+    return {"product": "upstep adaptation", "settings": products.settings(cfg, own), "seed": int(seed),
+            "domain": domain, "vflip": vflip_for(cfg, domain), "items": products.items_digest(images),
+            "base": model_fingerprint(base_model), "numerics": products.settings(cfg, products.NUMERICS),
+            "sources": products.source_digest(UPSTEP_SOURCES), "env": products.environment()}
+
+
+@dataclass
+class Adapted:
+    """One UpStep adaptation: ``model`` the adapted backbone (LoRA in place), ``result`` the loop's
+    :class:`~vitadapt.train.FitResult` (as measured when it was trained), the trainable counts (objective: LoRA and
+    head; backbone: LoRA), and whether it was loaded from the cache (``cache_key``: its file; None: cache off)."""
+    model: torch.nn.Module
+    result: object
+    trainable_params: int
+    trainable_backbone: int
+    cached: bool = False
+    cache_key: str | None = None
+
+
+def adapt_or_load(cfg, base_model: torch.nn.Module, images: tuple[Dataset, list[int]], seed: int, domain: str = "",
+                  fabric=None, progress: bool = False, ckpt=None) -> Adapted:
+    """:func:`adapt`, or its stored result when an earlier finished run had the same :func:`adaptation_key` (then
+    ``ckpt`` goes unused); a finished run is stored (a diverged one raises before)."""
+    from vitadapt.train import FitResult
+    store = products.ProductCache("upstep", adaptation_key(cfg, base_model, images, seed, domain)
+                                  if products.enabled("upstep") else {})
+    if (hit := store.load()) is not None:
+        shell = copy.copy(cfg)                       # the structure only: random prototypes, no k-means
+        object.__setattr__(shell, "prototype_init", "random")
+        model = build_objective(shell, copy.deepcopy(base_model), seed).model
+        try:
+            model.load_state_dict(hit["state"], strict=True)
+        except (RuntimeError, KeyError) as e:
+            import warnings
+            warnings.warn(f"ignoring the UpStep cache {store.path} ({str(e)[:120]}); adapting again", stacklevel=2)
+        else:
+            return Adapted(model.eval(), FitResult(**hit["result"]), hit["trainable_params"],
+                           hit["trainable_backbone"], True, store.digest)
+    objective, result = adapt(cfg, base_model, images, seed, domain, fabric, progress, ckpt=ckpt)
+    out = Adapted(objective.model, result, count_trainable(objective), count_trainable(objective.model), False,
+                  store.digest if store.on else None)
+    store.save({"state": {k: v.detach().cpu() for k, v in objective.model.state_dict().items()},
+                "result": dataclasses.asdict(result), "trainable_params": out.trainable_params,
+                "trainable_backbone": out.trainable_backbone})
+    return out
 
 
 def evaluate_features(cfg, base: Callable, adapted: Callable | None, splits: Splits, seed: int) -> dict[str, dict]:
@@ -216,22 +294,27 @@ def run_domain_seed(cfg, base_model, info: dict, domain: str, seed: int, variant
     splits, t0 = domain_splits(cfg, domain, seed), time.perf_counter()
     try:
         with job(domain=domain, variant=variant, seed=seed):
-            images = adaptation_pool(cfg, domain, seed, splits.train)
-            objective, result = adapt(cfg, base_model, images, seed, domain, fabric, progress, ckpt=ckpt)
+            images, t1 = adaptation_pool(cfg, domain, seed, splits.train), time.perf_counter()
+            ad = adapt_or_load(cfg, base_model, images, seed, domain, fabric, progress, ckpt=ckpt)
+            result = ad.result
+            spent = time.perf_counter() - t1 if ad.cached else result.wall_time_s   # training, or loading
     except Diverged as e:
         rows = on_rank0(fabric, functools.partial(_eval_rows, cfg, base, None, splits, domain, seed, variant, e))
         record, history, line = {**keys, "diverged": str(e)}, [], str(e)
     else:
-        rows = on_rank0(fabric, lambda: _eval_rows(cfg, base, probe.features(cfg, objective.model, info, device),
+        rows = on_rank0(fabric, lambda: _eval_rows(cfg, base, probe.features(cfg, ad.model, info, device),
                                                    splits, domain, seed, variant))
         last = result.history[-1] if result.history else {}         # the run's cost and final statistics
         record = {**keys, **result.record(), "adapt_images": len(images[1]),
-                  "trainable_params": count_trainable(objective), "trainable_backbone": count_trainable(objective.model),
+                  "trainable_params": ad.trainable_params, "trainable_backbone": ad.trainable_backbone,
                   **{f"final_{k}": last.get(k) for k in ("loss_cluster", "cv_norm", "cv_drift")},
-                  "eval_wall_time_s": round(time.perf_counter() - t0 - result.wall_time_s, 2)}
+                  "eval_wall_time_s": round(time.perf_counter() - t0 - spent, 2),
+                  **({"cached": ad.cached, "cache_key": ad.cache_key} if ad.cache_key else {})}
         history = [{**keys, **{k: h[k] for k in ("step", "backward", *LOG_KEYS, "lr") if k in h}} for h in result.history]
+        trained = f"cached ({record['wall_time_s']:.1f} s when trained)" if ad.cached else \
+            f"{record['wall_time_s']:.1f} s training"
         line = (f"{variant if variant != 'UpStep' else domain} seed {seed}: {record['backward_passes']}/{record['steps']} "
-                f"backward, {record['wall_time_s']:.1f} s training, {record['eval_wall_time_s']:.1f} s evaluation")
+                f"backward, {trained}, {record['eval_wall_time_s']:.1f} s evaluation")
     rows = rows if include_base else [r for r in rows if r["features"] != "base"]
     return {"evals": rows, "runs": record, "history": history, "log": line}
 
@@ -321,9 +404,10 @@ def ensemble_table(evals: pd.DataFrame, by: str = "variant") -> pd.DataFrame:
 
 
 def cost_table(runs: pd.DataFrame, by: str = "domain") -> pd.DataFrame:
-    """Training cost per ``by``: means over seeds."""
-    return tables.means(runs, by, COST + ("adapt_images", "eval_wall_time_s")).assign(
-        n_seeds=runs.groupby(by, sort=False).size())
+    """Training cost per ``by``: means over seeds (runs loaded from the product cache keep the cost measured when
+    they were trained; their number per ``by`` is a last column when there are some)."""
+    return products.with_loaded(tables.means(runs, by, COST + ("adapt_images", "eval_wall_time_s")).assign(
+        n_seeds=runs.groupby(by, sort=False).size()), runs, by)
 
 
 def plot_accuracy(evals: pd.DataFrame, by: str = "domain", title: str = "", value: str = "test_acc"):
