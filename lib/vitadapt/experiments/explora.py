@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -48,7 +49,8 @@ from vitadapt.jobs import checkpoint_every_s, diverged_row
 from vitadapt.paths import resolve
 from vitadapt.peft.common import count_total, count_trainable
 from vitadapt.peft.explora import apply_explora, parse_targets, parse_unfreeze, targets_label, unfreeze_label
-from vitadapt.protocol import counts, grid, lora_eval, official_probe, products, report, selection, setup, tables
+from vitadapt.protocol import (counts, effects, grid, lora_eval, official_probe, products, report, selection, setup,
+                               tables)
 from vitadapt.protocol.counts import explora_recipe as paper_counts  # noqa: F401  (the notebooks' name)
 from vitadapt.ssl import continued
 from vitadapt.vit import meta_vit
@@ -90,6 +92,7 @@ class ExploraConfig(ExperimentConfig, continued.PretrainSettings, lora_eval.Lora
     ablate_rank: tuple = opt((8, 16), "LoRA ranks tried against the default (12).", min=1, max=4096)
     ablate_targets: tuple = opt(("q,k,v", "q,k,v,proj", "q,k,v,proj,mlp"), "LoRA target sets tried against the default (12).")
     ablate_norms: tuple = opt((False,), "train_norms values tried against the default (12).")
+    ablate_koleo_weight: tuple = opt((), "DinoV2: koleo_weight values tried against the default (12); 0 = without KoLeo, which tests what drives an effect.", min=0.0, max=100.0)
     interactive: bool = opt(False, "Show the ipywidgets panel that re-runs one configuration (needs a live kernel).")
 
     def check(self) -> None:
@@ -368,7 +371,8 @@ def ablation_variants(cfg: ExploraConfig) -> list[tuple[str, str, dict]]:
             ("rank", cfg.ablate_rank, lambda v: f"r={v}"),
             ("targets", cfg.ablate_targets, lambda v: f"LoRA on {targets_label(v)}"
              + (" (MLP r/4)" if "mlp" in targets_label(v) else "")),
-            ("train_norms", cfg.ablate_norms, lambda v: f"norms {'trained' if v else 'frozen'}")]
+            ("train_norms", cfg.ablate_norms, lambda v: f"norms {'trained' if v else 'frozen'}"),
+            ("koleo_weight", cfg.ablate_koleo_weight, lambda v: "without KoLeo" if v == 0 else f"KoLeo weight {v:g}")]
     return [("frozen (source)", "frozen", {}), (default, "explora", {})] + [
         (label, "explora", over) for label, over in grid.one_factor(cfg, axes, lambda f, v: canon.get(f, str)(v))]
 
@@ -441,6 +445,39 @@ def cost_table(runs: pd.DataFrame, by: str = "variant") -> pd.DataFrame:
     when they were trained, and their number per ``by`` is a last column when there are some."""
     return products.with_loaded(tables.means(runs, by, list(COSTS), ints=(
         "trainable_backbone", "trainable_objective", "steps", "images_seen"), digits=COSTS), runs, by)
+
+
+#: the published direction of ExPLoRA's effect over its frozen source (REFERENCE.md section 1), by evaluation
+PAPER_DIRECTION = {"linear probe": "+8.5 points on fMoW-RGB with ViT-L (DinoV2 69.00 -> ExPLoRA 77.48)"}
+
+
+def loss_notes(cfg: ExploraConfig) -> dict[str, tuple[str, str]]:
+    """What a move (or none) of each pre-training loss means, for :func:`vitadapt.protocol.effects.trend_text`."""
+    if cfg.objective == "mae":
+        return {"mse": ("The reconstruction error fell: the encoder and decoder learned to fill in the target's patches.",
+                        "The reconstruction error stayed flat: the encoder learned little from it at this budget.")}
+    log_k = math.log(cfg.n_prototypes)
+    return {"koleo": ("KoLeo fell: the CLS features of a batch spread apart, which a kNN classifier sees at once.", ""),
+            "dino": ("DINO moved: the heads' prototypes began to sort the images.",
+                     f"DINO stayed near log({cfg.n_prototypes}) = {log_k:.2f}: the fresh heads still predict almost "
+                     f"uniformly, so DINO is not what changes the backbone at this budget."),
+            "ibot": ("iBOT moved: the patch heads began to sort the patches.", "")}
+
+
+def findings(cfg: ExploraConfig, res: ExploraResults, reference: str | None = None) -> tuple[str, pd.DataFrame]:
+    """``(markdown, effects table)``: every variant against ``reference`` (default: the frozen source) paired per seed,
+    whether each effect points the paper's way (ExPLoRA's own row), and how each trained variant's losses moved
+    (:func:`vitadapt.protocol.effects.findings`)."""
+    labels = list(dict.fromkeys(res.evals["variant"]))
+    reference = reference or next((v for v in labels if v.startswith("frozen")), labels[0])
+    ours = [v for v in labels if v == "explora" or v.startswith("default")]
+    trained = [v for v in labels if not v.startswith("frozen")]
+    losses = ("mse",) if cfg.objective == "mae" else ("dino", "ibot", "koleo")
+    frozen = reference.startswith("frozen")
+    return effects.findings(res.evals, "variant", reference, rows=None if frozen else trained,
+                            paper=PAPER_DIRECTION if frozen else None, paper_rows=ours,
+                            history=res.history if frozen and len(res.history) else None, losses=losses,
+                            notes=loss_notes(cfg), trend_rows=trained)
 
 
 def summary(res: ExploraResults, by: str = "variant") -> dict:

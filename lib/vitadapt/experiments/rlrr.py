@@ -42,7 +42,7 @@ from vitadapt.finetune import (cached_prefix, seed_rows, select_then_test_in_job
 from vitadapt.jobs import mean_std_text
 from vitadapt.peft.baselines import BASELINES, build
 from vitadapt.peft.rlrr import INITS, SIDES
-from vitadapt.protocol import counts, figures, report, selection, tables
+from vitadapt.protocol import counts, effects, figures, report, selection, tables
 from vitadapt.protocol.grid import run_jobs
 from vitadapt.protocol.setup import backbone, check_dataset, check_forward, weights_or_random
 from vitadapt.train import fabric_from_config
@@ -269,6 +269,28 @@ def summary_tables(df: pd.DataFrame, groups: dict, key: str = "method") -> dict[
     return {"per_task": tables.show_lost(per_task.round(1), order),
             "summary": tables.show_lost(out.round(1), [*groups, "mean", "mean std (seeds)"]),
             "timing": tables.timing(df, key, out.index)}
+
+
+#: RLRR minus each baseline in the published VTAB-1k mean (ViT-B/16 IN-21k, 19 tasks; REFERENCE.md section 3)
+PAPER_GAPS = {"ssf": "+1.4 points (VTAB-1k mean: RLRR 74.5, SSF 73.1)", "lora": "+2.2 points (RLRR 74.5, LoRA 72.3)",
+              "full": "+8.9 points (RLRR 74.5, full 65.6)", "linear": "+21.6 points (RLRR 74.5, linear 52.9)"}
+MEAN = "mean over tasks"
+
+
+def per_seed(df: pd.DataFrame, key: str = "method") -> pd.DataFrame:
+    """Rows {key, seed, eval, test_acc}: each task's test accuracy (eval = the task) and, per seed, their mean over
+    tasks (eval = "mean over tasks"; NaN when a task diverged), the rows :mod:`vitadapt.protocol.effects` pairs."""
+    rows = df.drop_duplicates([key, "seed", "task"])[[key, "seed", "task", "test_acc"]].rename(columns={"task": "eval"})
+    mean = rows.groupby([key, "seed"], sort=False)["test_acc"].agg(tables.mean_or_lost).reset_index().assign(eval=MEAN)
+    return pd.concat([mean, rows], ignore_index=True)
+
+
+def findings(df: pd.DataFrame, key: str = "method", focus: str = "rlrr") -> tuple[str, pd.DataFrame]:
+    """``(markdown, table)``: ``focus`` against every other ``key`` value, per task and over tasks, paired per seed,
+    with the published gap where the paper has one (notebook 30: :data:`PAPER_GAPS`; 31: the residual's gain)."""
+    paper = {m: {MEAN: g} for m, g in PAPER_GAPS.items()} if key == "method" else {
+        v: {MEAN: "+ (FGVC: the residual gains 0.3 to 1.5 points on each side)"} for v in set(df[key]) if "no residual" in v}
+    return effects.versus(per_seed(df, key), key, focus, paper=paper)
 
 
 def paper_beside_ours(summary: pd.DataFrame, ours_label: str) -> pd.DataFrame:

@@ -48,7 +48,7 @@ from vitadapt.data.unlabelled import Unlabelled, draw
 from vitadapt.eval import eval_transform, loader_options
 from vitadapt.jobs import checkpoint_every_s
 from vitadapt.peft.common import count_total, count_trainable
-from vitadapt.protocol import figures, grid, probe, products, report, tables
+from vitadapt.protocol import effects, figures, grid, probe, products, report, tables
 from vitadapt.protocol.setup import backbone, chance, check_dataset, dataset, labelled, record_sources
 from vitadapt.ssl.upstep import (ENSEMBLE_MODES, UpStepAugment, UpStepGate, UpStepObjective, build_objective,
                                  ensemble_features, upstep_loss_fn)
@@ -394,6 +394,61 @@ def accuracy_table(evals: pd.DataFrame, by: str = "domain") -> pd.DataFrame:
 def forgetting_table(evals: pd.DataFrame, by: str = "domain") -> pd.DataFrame:
     """Forgetting (OOD test accuracy, adapted - base), mean ± std over seeds; the base OOD accuracy for scale."""
     return tables.forgetting(evals, by, FEATURE_KINDS)
+
+
+#: the direction the UpStep paper reports on its target domains (arXiv 2502.21313; no public numbers)
+PAPER_DIRECTION = {"linear probe": "+ (UpStep improves the target domains; no public numbers)",
+                   "kNN": "+ (UpStep improves the target domains; no public numbers)"}
+
+
+def _adapted_vs_base(evals: pd.DataFrame, by: str) -> pd.DataFrame:
+    """The adapted features' rows (labelled by ``by``) and the base rows (labelled "base"), one frame to pair."""
+    up = evals[evals["features"] == "upstep"]
+    base = evals[evals["features"] == "base"].drop_duplicates([c for c in ("domain", "seed", "eval") if c in evals])
+    return pd.concat([base.assign(**{by: "base"}), up], ignore_index=True)
+
+
+def gate_saving(runs: pd.DataFrame, gated: str, ungated: str) -> str:
+    """One sentence: backward passes and training time of the ``gated`` variant against the ``ungated`` one (the same
+    seeds; the times measured when each was trained)."""
+    r = runs.set_index(["variant", "seed"])
+    seeds = sorted(set(r.loc[gated].index) & set(r.loc[ungated].index))
+    if not seeds or "wall_time_s" not in r:
+        return ""
+    ratio = [r.loc[(gated, s), "wall_time_s"] / r.loc[(ungated, s), "wall_time_s"] for s in seeds]
+    bw = [int(r.loc[(gated, s), "backward_passes"]) for s in seeds]
+    return (f"- **The gate's saving**: {gated} back-propagated {min(bw)}-{max(bw)} of {int(r.loc[(gated, seeds[0]), 'steps'])} "
+            f"iterations; its training time was {sum(ratio) / len(ratio):.2f} x that of {ungated} (per seed "
+            + ", ".join(f"{x:.2f}" for x in ratio) + ").")
+
+
+def findings(cfg: UpStepConfig, res: grid.Results, by: str = "domain") -> tuple[str, pd.DataFrame]:
+    """``(markdown, effects table)``: UpStep's adapted features against the base on the target and on the forgetting
+    set, paired per seed, per ``by`` value (20: each domain; 21: each variant, then each against the default, and the
+    gate's saving), with the paper's direction where it states one."""
+    ev, texts, parts = res.evals, [], []
+    if by == "domain":
+        for d in dict.fromkeys(ev["domain"]):
+            sub = _adapted_vs_base(ev[ev["domain"] == d], "domain").replace({"domain": {d: "UpStep"}})
+            ood = sub["ood_dataset"].dropna().iloc[0] if sub["ood_dataset"].notna().any() else "the forgetting set"
+            for value, what, paper in (("test_acc", f"{d} (target)", PAPER_DIRECTION), ("ood_test_acc", f"{ood} "
+                                       f"(forgetting, adapted to {d})", None)):
+                e = effects.paired_effects(sub, "domain", "base", value=value).assign(on=what)
+                parts.append(e)
+                texts.append(effects.effect_text(e, "domain", "base", paper=paper, label=f"{what}: "))
+    else:
+        pairs = _adapted_vs_base(ev, "variant")
+        default = next(v for v in dict.fromkeys(ev["variant"]) if str(v).startswith("default"))
+        for value, what in (("test_acc", f"{cfg.target_for_ablations} (target)"), ("ood_test_acc", "forgetting set")):
+            e = effects.paired_effects(pairs, "variant", "base", value=value).assign(on=what)
+            d = effects.paired_effects(pairs[pairs["variant"] != "base"], "variant", default, value=value).assign(on=what)
+            parts += [e, d]
+            texts += [effects.effect_text(e, "variant", "base", paper=PAPER_DIRECTION if value == "test_acc" else None,
+                                          paper_rows=[default], label=f"{what}: "), effects.effect_text(d, "variant", "default", label=f"{what}: ")]
+        if "gate=none" in set(res.runs.get("variant", [])):
+            texts.append(gate_saving(res.runs, default, "gate=none"))
+    return ("**What this run shows** (paired per seed; forgetting: the change on the out-of-domain set, negative = "
+            "forgotten):\n\n" + "\n".join(t for t in texts if t), pd.concat(parts, ignore_index=True))
 
 
 def ensemble_table(evals: pd.DataFrame, by: str = "variant") -> pd.DataFrame:
