@@ -61,15 +61,19 @@ test: setup test-lib test-notebooks nbval test-browser
 test-lib:
 	$(PY) -m pytest tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
 
+# The smoke runs that tests compare train every product (no shared pre-training or UpStep cache): a cache hit would
+# add a "loaded from cache" column to the cost tables, so goldens written cold would not match a warm rerun.
+COLD = VITADAPT_PRETRAIN_CACHE=0 VITADAPT_UPSTEP_CACHE=0
+
 test-notebooks:
-	VITADAPT_OFFLINE=1 $(PY) -m vitadapt.runner --profile smoke --force
+	$(COLD) VITADAPT_OFFLINE=1 $(PY) -m vitadapt.runner --profile smoke --force
 
 # nbval re-executes tests/golden/*.ipynb (smoke profile: each writes outputs/smoke/<nb>/metrics.json) and compares
 # every cell's text with decimals masked (tests/sanitize.cfg); those numbers are then compared with tolerances
 # against tests/golden/metrics (vitadapt/golden.py), so the goldens hold on any CPU. Both run; either fails.
 nbval:
 	@mkdir -p outputs/smoke && touch outputs/smoke/.nbval-started
-	rc=0; VITADAPT_OFFLINE=1 $(PY) -m pytest --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg \
+	rc=0; $(COLD) VITADAPT_OFFLINE=1 $(PY) -m pytest --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg \
 	  -p no:cacheprovider tests/golden || rc=$$?; [ $$rc -eq 5 ] && rc=0; \
 	$(PY) -m vitadapt.golden check outputs/smoke tests/golden/metrics --newer-than outputs/smoke/.nbval-started \
 	  || rc=1; exit $$rc
@@ -82,7 +86,7 @@ test-browser:
 
 # Refresh the golden notebooks and their metrics from a fresh smoke run (review the diff before committing).
 golden: setup
-	VITADAPT_OFFLINE=1 $(PY) -m vitadapt.runner --profile smoke --force
+	$(COLD) VITADAPT_OFFLINE=1 $(PY) -m vitadapt.runner --profile smoke --force
 	mkdir -p tests/golden
 	for d in outputs/smoke/[0-9][0-9]_*/; do n=$$(basename $$d); cp $$d/$$n.ipynb tests/golden/$$n.ipynb; done
 	$(PY) -m vitadapt.golden write outputs/smoke tests/golden/metrics
