@@ -43,7 +43,9 @@ def test_profiles_build(profile, notebook):
     assert cfg.domains and cfg.seeds
     if profile == "cpu":
         assert cfg.arch == "vit_small_patch14_dinov2" and cfg.img_size == 112 and len(cfg.seeds) >= 3
-        assert notebook.startswith("21") or len(cfg.domains) >= 3
+        assert notebook.startswith("21") or len(cfg.domains) >= 2
+        # forgetting on a real set that is not saturated (the synthetic source shapes sat at 92-97 %)
+        assert "synthetic" not in cfg.forgetting_dataset and "synthetic" not in cfg.forgetting_fallback
     if profile == "paper" and notebook.startswith("20"):
         assert len(cfg.domains) == 8
 
