@@ -68,10 +68,11 @@ def test_loss_trends():
     t = effects.loss_trends(pd.DataFrame(rows), "variant", ["dino", "koleo", "ibot", "mse"])
     got = dict(zip(t.loss, t.trend))
     assert got == {"dino": "flat", "koleo": "falls"}
-    notes = {"koleo": ("KoLeo spreads the features.", "KoLeo did nothing."), "dino": ("DINO moved.", "DINO is flat.")}
+    notes = {"koleo": {"falls": "KoLeo spreads the features.", "flat": "KoLeo did nothing.", "rises": "KoLeo rose."},
+             "dino": {"falls": "DINO moved.", "flat": "DINO is flat."}}
     text = effects.trend_text(t, "variant", "explora", notes)
     assert "koleo 0.8 → -0.7 (falls)" in text and "KoLeo spreads" in text and "DINO is flat." in text
-    assert "did nothing" not in text and "DINO moved" not in text
+    assert "did nothing" not in text and "DINO moved" not in text and "rose" not in text
 
 
 def test_findings_joins_effects_and_trends():
@@ -89,3 +90,24 @@ def test_versus_names_each_pair():
     assert list(table.versus) == ["lora", "linear"] and table.verdict.tolist() == ["effect", "effect"]
     assert "rlrr − lora, kNN**: +12.0 ± 2.0" in text and "rlrr − linear, kNN**: +32.0 ± 2.0" in text
     assert "the same way" in text
+
+
+def test_rlrr_per_seed_means_over_tasks_and_findings():
+    from vitadapt.experiments import rlrr
+    rows = [{"task": t, "method": m, "seed": s, "test_acc": acc + 0.01 * s}
+            for s in (0, 1, 2) for t, base in (("a", 0.5), ("b", 0.3))
+            for m, acc in (("rlrr", base + 0.1), ("lora", base))]
+    ps = rlrr.per_seed(pd.DataFrame(rows))
+    mean = ps[(ps["eval"] == rlrr.MEAN) & (ps.method == "rlrr")].sort_values("seed").test_acc.tolist()
+    assert mean == pytest.approx([0.5, 0.51, 0.52])
+    text, table = rlrr.findings(pd.DataFrame(rows))
+    assert set(table["eval"]) == {rlrr.MEAN, "a", "b"} and (table.verdict == "effect").all()
+    assert "rlrr − lora, mean over tasks**: +10.0 ± 0.0" in text and "points the same way" in text
+
+
+def test_upstep_gate_saving_sentence():
+    from vitadapt.experiments import upstep
+    runs = pd.DataFrame([{"variant": v, "seed": s, "wall_time_s": t, "backward_passes": b, "steps": 24}
+                         for s in (0, 1) for v, t, b in (("default", 30.0, 12), ("gate=none", 40.0, 24))])
+    text = upstep.gate_saving(runs, "default", "gate=none")
+    assert "back-propagated 12-12 of 24 iterations" in text and "0.75 x that of gate=none" in text

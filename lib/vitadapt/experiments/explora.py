@@ -451,17 +451,21 @@ def cost_table(runs: pd.DataFrame, by: str = "variant") -> pd.DataFrame:
 PAPER_DIRECTION = {"linear probe": "+8.5 points on fMoW-RGB with ViT-L (DinoV2 69.00 -> ExPLoRA 77.48)"}
 
 
-def loss_notes(cfg: ExploraConfig) -> dict[str, tuple[str, str]]:
-    """What a move (or none) of each pre-training loss means, for :func:`vitadapt.protocol.effects.trend_text`."""
+def loss_notes(cfg: ExploraConfig) -> dict[str, dict[str, str]]:
+    """What each trend of each pre-training loss means ({loss: {"falls"|"rises"|"flat": sentence}}), for
+    :func:`vitadapt.protocol.effects.trend_text`."""
     if cfg.objective == "mae":
-        return {"mse": ("The reconstruction error fell: the encoder and decoder learned to fill in the target's patches.",
-                        "The reconstruction error stayed flat: the encoder learned little from it at this budget.")}
+        return {"mse": {"falls": "The reconstruction error fell: the encoder and decoder learned to fill in the target's "
+                                 "patches.",
+                        "flat": "The reconstruction error stayed flat: the encoder learned little from it at this budget."}}
     log_k = math.log(cfg.n_prototypes)
-    return {"koleo": ("KoLeo fell: the CLS features of a batch spread apart, which a kNN classifier sees at once.", ""),
-            "dino": ("DINO moved: the heads' prototypes began to sort the images.",
-                     f"DINO stayed near log({cfg.n_prototypes}) = {log_k:.2f}: the fresh heads still predict almost "
-                     f"uniformly, so DINO is not what changes the backbone at this budget."),
-            "ibot": ("iBOT moved: the patch heads began to sort the patches.", "")}
+    return {"koleo": {"falls": "KoLeo fell: the CLS features of a batch spread apart, which a kNN classifier sees at once.",
+                      "rises": "KoLeo rose: the CLS features of a batch drew together (with koleo_weight 0 it is logged, "
+                               "not trained)."},
+            "dino": {"falls": "DINO fell: the heads' prototypes began to sort the images.",
+                     "flat": f"DINO stayed near log({cfg.n_prototypes}) = {log_k:.2f}: the fresh heads still predict "
+                             f"almost uniformly, so DINO is not what changes the backbone at this budget."},
+            "ibot": {"falls": "iBOT fell: the patch heads began to sort the patches."}}
 
 
 def findings(cfg: ExploraConfig, res: ExploraResults, reference: str | None = None) -> tuple[str, pd.DataFrame]:

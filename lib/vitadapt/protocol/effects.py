@@ -112,23 +112,24 @@ def loss_trends(history: pd.DataFrame, by: str, losses: Sequence[str], window: i
     return pd.DataFrame(rows)
 
 
-def trend_text(trends: pd.DataFrame, by: str, name: str, notes: dict[str, tuple[str, str]] | None = None) -> str:
+def trend_text(trends: pd.DataFrame, by: str, name: str, notes: dict[str, dict[str, str]] | None = None) -> str:
     """One sentence on how ``name``'s losses moved: "dino 8.32 → 8.31 (flat), koleo 0.91 → -0.18 (falls)", then for
-    each loss in ``notes`` = {loss: (what its move means, what its staying flat means)} the sentence that applies."""
+    each loss in ``notes`` = {loss: {trend: what that trend means}} ("falls", "rises", "flat") the sentence of the
+    trend it took (none where ``notes`` has none for it)."""
     t = trends[trends[by] == name]
     if t.empty:
         return f"- **{name}**: no losses logged."
     parts = [f"{r.loss} {r.first:.3g} → {r.last:.3g} ({r.trend})" for r in t.itertuples()]
     text = f"- **{name}**: " + ", ".join(parts) + "."
     for r in t.itertuples():
-        if notes and r.loss in notes and (say := notes[r.loss][r.trend == "flat"]):
+        if say := ((notes or {}).get(r.loss) or {}).get(r.trend):
             text += f" {say}"
     return text
 
 
 def findings(evals: pd.DataFrame, by: str, reference: str, rows: Sequence[str] | None = None,
              paper: dict[str, str] | None = None, history: pd.DataFrame | None = None,
-             losses: Sequence[str] = (), notes: dict[str, tuple[str, str]] | None = None,
+             losses: Sequence[str] = (), notes: dict[str, dict[str, str]] | None = None,
              trend_rows: Sequence[str] | None = None, paper_rows: Sequence[str] | None = None
              ) -> tuple[str, pd.DataFrame]:
     """``(markdown, effects table)``: :func:`effect_text` of ``evals`` against ``reference`` and, with ``history``,
