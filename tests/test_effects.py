@@ -36,7 +36,7 @@ def test_mixed_signs_and_small_means_are_noise():
     zero = effects.paired_effects(_evals([0.1, 0.0, 0.2]), "variant", "frozen")
     assert zero.verdict[0] == "within noise" and (zero.positive[0], zero.negative[0]) == (2, 0)
     text = effects.effect_text(effects.paired_effects(_evals([0, 0, 0]), "variant", "frozen"), "variant", "frozen")
-    assert "no change on any of 3 seeds" in text
+    assert "+0.0 ± 0.0 points, no change on 3 of 3 seeds (from +0.0 to +0.0)" in text
 
 
 def test_negative_effect_and_other_direction():

@@ -77,12 +77,11 @@ def effect_text(effects: pd.DataFrame, by: str, reference: str, rows: Sequence[s
         if r["verdict"] == "lost":
             lines.append(head + f"{r['lost']} of {r['n']} seeds diverged, so no difference is reported.")
             continue
-        if r["positive"] == r["negative"] == 0:
-            text = head + f"no change on any of {r['n']} seeds: "
-        else:
-            sign = "positive" if r["mean"] >= 0 else "negative"
-            text = (head + f"{r['mean']:+.1f} ± {r['std']:.1f} {unit}, {sign} on {r[sign]} of {r['n']} seeds "
-                    f"(from {r['min']:+.1f} to {r['max']:+.1f}): ")
+        # one shape whatever the signs (nbval masks the counts and words; on another CPU a zero may turn +/-)
+        sign = "no change" if r["positive"] == r["negative"] == 0 else "positive" if r["mean"] >= 0 else "negative"
+        count = r["n"] if sign == "no change" else r[sign]
+        text = (head + f"{r['mean']:+.1f} ± {r['std']:.1f} {unit}, {sign} on {count} of {r['n']} seeds "
+                f"(from {r['min']:+.1f} to {r['max']:+.1f}): ")
         text += "an effect." if r["verdict"] == "effect" else "within noise at this scale."
         if paper and r["eval"] in paper and (paper_rows is None or r[by] in paper_rows):
             if r["verdict"] == "effect":
