@@ -324,3 +324,10 @@ def test_unreadable_feature_cache_is_rebuilt_not_fatal(tmp_path):
     c.path.write_bytes(b"PK half a file")
     with pytest.warns(UserWarning, match="ignoring the unreadable feature cache"):
         assert FeatureCache(KEY, tmp_path).store == {}
+
+
+def test_feature_cache_of_an_older_layout_is_rebuilt_not_fatal(tmp_path):
+    """A cache file written before the keyed-file layout (same key, features under another name) reads as empty."""
+    c = FeatureCache(KEY, tmp_path)
+    torch.save({"key": c.file.key, "features": {"a": torch.zeros(4)}}, c.path)
+    assert FeatureCache(KEY, tmp_path).store == {}

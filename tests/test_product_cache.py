@@ -131,6 +131,21 @@ def test_sources_and_switches(monkeypatch):
     assert not products.enabled("pretrained")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert products.enabled("pretrained")
+    assert {"python", "torch", "timm"} <= set(products.environment())
+
+
+def test_files_digest_counts_names_and_bytes(tmp_path):
+    """The one digest of source files (product keys, the runner's code hash): a renamed or edited file changes it."""
+    from vitadapt.paths import files_digest
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("x = 1\n")
+    b.write_text("x = 1\n")
+    assert files_digest([a], tmp_path) != files_digest([b], tmp_path)
+    before = files_digest([a, b], tmp_path)
+    b.write_text("x = 2\n")
+    assert files_digest([a, b], tmp_path) != before
+    assert products.file_digest(tmp_path / "missing.pt") is None
+    assert products.file_digest(a) == products.file_digest(b.with_name("a.py")) and len(products.file_digest(a)) == 20
 
 
 # ---- ExPLoRA: a second run loads -----------------------------------------------------------------------------

@@ -226,17 +226,15 @@ class FeatureCache:
     computed, so seeds drawing different subsets of one pool share the work."""
 
     def __init__(self, key: dict, root: Path | None = None):
+        from vitadapt.data.cachefile import KeyedFile
         self.key = key
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-        self.path = Path(root or CACHE / "features") / f"{digest}.pt"
+        self.file = KeyedFile(root or CACHE / "features", key, "feature cache")
+        self.path = self.file.path
         self.store: dict[str, torch.Tensor] = self._read()
 
     def _read(self) -> dict[str, torch.Tensor]:
         """The features on disk for this key ({} when absent, unreadable or another key's)."""
-        from vitadapt.data.cachefile import torch_load_or_none
-        blob = torch_load_or_none(self.path, "feature cache", weights_only=False)
-        ok = isinstance(blob, dict) and blob.get("key") == json.loads(json.dumps(self.key, default=str))
-        return blob["features"] if ok else {}
+        return self.file.read() or {}
 
     def features(self, model: nn.Module, dataset: Dataset, img_size: int, batch_size: int = 64,
                  feature: str = "cls+avg", num_workers: int = 0, device="cpu", progress: bool = False,
@@ -258,10 +256,8 @@ class FeatureCache:
 
     def _save(self):
         """Keep what other processes saved meanwhile, then write through a per-process temporary file."""
-        from vitadapt.data.cachefile import torch_save_atomic
         self.store = {**self._read(), **self.store}
-        torch_save_atomic({"key": json.loads(json.dumps(self.key, default=str)), "features": self.store}, self.path,
-                          "feature cache")
+        self.file.write(self.store)
 
 
 def fit_logistic(X: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, max_iter: int = 300,

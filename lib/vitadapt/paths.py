@@ -50,3 +50,14 @@ def output_dir(profile: str, notebook: str, rank: int | None = None) -> Path:
     rank = launch_rank() if rank is None else rank
     base = OUTPUTS / profile
     return base / notebook if rank == 0 else base / ".ranks" / f"rank{rank}" / notebook
+
+
+def files_digest(files, root: Path) -> str:
+    """sha256 over ``files`` in their order: each one's path relative to ``root`` (POSIX), then its bytes. The one
+    digest of source files: :func:`vitadapt.results.code_hash`, :func:`vitadapt.protocol.products.source_digest`."""
+    import hashlib
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).relative_to(root).as_posix().encode())
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()

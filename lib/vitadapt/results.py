@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from vitadapt.paths import CONFIGS, NOTEBOOKS, REPO_ROOT, output_dir, resolve, shown
+from vitadapt.paths import CONFIGS, NOTEBOOKS, REPO_ROOT, files_digest, output_dir, resolve, shown
 
 DRY_RUN_DIR = "dry_run"     # where a dry run's outputs go, beside (never over) the real results
 PACKAGES = ("torch", "torchvision", "timm", "peft", "lightly", "lightning", "torchgeo", "scikit-learn", "numpy",
@@ -63,9 +63,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(names=PACKAGES) -> dict[str, str]:
+    """The Python version and the installed versions of ``names`` (default :data:`PACKAGES`; missing ones left out)."""
     out = {"python": platform.python_version()}
-    for p in PACKAGES:
+    for p in names:
         try:
             out[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
@@ -75,7 +76,6 @@ def package_versions() -> dict[str, str]:
 
 def code_hash(notebook: str | None = None, profile: str | None = None) -> str:
     """Hash of the library sources, the notebook and the profile YAML: what a result depends on."""
-    h = hashlib.sha256()
     files = sorted((REPO_ROOT / "lib" / "vitadapt").rglob("*.py"))
     if notebook:
         files += sorted(NOTEBOOKS.glob(f"{notebook}.ipynb"))
@@ -83,11 +83,7 @@ def code_hash(notebook: str | None = None, profile: str | None = None) -> str:
         files += [CONFIGS / f"{profile}.yaml"]
     if notebook:
         files += [CONFIGS / "notebooks" / f"{notebook}.yaml"]
-    for f in files:
-        if f.exists():
-            h.update(f.relative_to(REPO_ROOT).as_posix().encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+    return files_digest([f for f in files if f.exists()], REPO_ROOT)[:16]
 
 
 def _jsonable(x):

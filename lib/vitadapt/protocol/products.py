@@ -21,11 +21,10 @@ and gives ``cache_key`` (the file's digest), so cost tables never show a load as
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import json
 import os
 import warnings
-from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
@@ -56,16 +55,20 @@ def enabled(kind: str) -> bool:
 
 
 def source_digest(sources: Sequence[str]) -> str:
-    """sha256 of the ``.py`` files of ``sources`` (files or folders relative to ``lib/vitadapt``), names included."""
-    root, h = Path(__file__).resolve().parents[1], hashlib.sha256()
+    """sha256 of the ``.py`` files of ``sources`` (files or folders relative to ``lib/vitadapt``), names included
+    (:func:`vitadapt.paths.files_digest`); read once per process (a grid's jobs share it)."""
+    return _source_digest(tuple(sources))
+
+
+@functools.lru_cache(maxsize=None)
+def _source_digest(sources: tuple[str, ...]) -> str:
+    root, files = Path(__file__).resolve().parents[1], []
     for s in sources:
         p = root / s
         if not p.exists():
             raise ValueError(f"source {s!r} is not a file or folder under {root}")
-        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
-            h.update(f.relative_to(root).as_posix().encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:20]
+        files += sorted(p.rglob("*.py")) if p.is_dir() else [p]
+    return paths.files_digest(files, root)[:20]
 
 
 def items_digest(images: tuple) -> str:
@@ -90,15 +93,10 @@ def state_digest(state: dict | None) -> str | None:
 
 
 def file_digest(path: Path) -> str | None:
-    """sha256 of a file's bytes (None when it is not there)."""
+    """sha256 of a file's bytes (:func:`vitadapt.data.manifest.file_sha256`; None when it is not there)."""
+    from vitadapt.data.manifest import file_sha256
     path = Path(path)
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()[:20]
+    return file_sha256(path)[:20] if path.is_file() else None
 
 
 def settings(obj, names: Sequence[str] | None = None, cls=None) -> dict:
@@ -107,15 +105,14 @@ def settings(obj, names: Sequence[str] | None = None, cls=None) -> dict:
     return {n: getattr(obj, n) for n in names}
 
 
+#: the libraries whose versions enter a product's key
+LIBRARIES = ("torch", "timm", "lightning")
+
+
 def environment() -> dict:
-    """The library versions a result depends on."""
-    out = {"torch": torch.__version__}
-    for p in ("timm", "lightning"):
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            out[p] = None
-    return out
+    """The Python and library versions a product depends on (:func:`vitadapt.results.package_versions`)."""
+    from vitadapt.results import package_versions
+    return package_versions(LIBRARIES)
 
 
 #: the cost tables' column counting runs loaded from the cache (only when some were: a fresh run's table is as before)
@@ -131,13 +128,10 @@ def with_loaded(table, runs, by: str):
                            .reindex(table.index).fillna(0).astype(int)})
 
 
-def _normal(key: dict) -> dict:
-    return json.loads(json.dumps(key, sort_keys=True, default=str))
-
-
 def digest(key: dict) -> str:
-    """The file name of ``key``: sha256 of its JSON (tuples as lists, other values as ``str``)."""
-    return hashlib.sha256(json.dumps(_normal(key), sort_keys=True).encode()).hexdigest()[:24]
+    """The file name of ``key`` (:func:`vitadapt.data.cachefile.key_digest`, 24 hex digits)."""
+    from vitadapt.data.cachefile import key_digest
+    return key_digest(key, 24)
 
 
 class ProductCache:
@@ -146,23 +140,21 @@ class ProductCache:
     pass ``{}`` when :func:`enabled` is false, to skip computing it)."""
 
     def __init__(self, kind: str, key: dict):
-        self.on, self.key, self.digest = enabled(kind), _normal(key), digest(key)
+        from vitadapt.data.cachefile import KeyedFile
         root = Path(os.environ["VITADAPT_CACHE"]) if os.environ.get("VITADAPT_CACHE") else paths.CACHE
-        self.path, self.kind = root / kind / f"{self.digest}.pt", kind
+        self.on, self.kind = enabled(kind), kind
+        self.file = KeyedFile(root / kind, key, f"{kind} cache", 24)
+        self.key, self.digest, self.path = self.file.key, self.file.digest, self.file.path
 
     def load(self) -> dict | None:
-        if not self.on:
-            return None
-        from vitadapt.data.cachefile import torch_load_or_none
-        blob = torch_load_or_none(self.path, f"{self.kind} cache", weights_only=False)
-        return blob["payload"] if isinstance(blob, dict) and blob.get("key") == self.key else None
+        return self.file.read() if self.on else None
 
     def save(self, payload: dict) -> None:
         """Write ``payload`` with the key; a full disk costs the cache (a warning), never the run."""
         if not self.on:
             return
-        from vitadapt.data.cachefile import CacheDiskFullError, torch_save_atomic
+        from vitadapt.data.cachefile import CacheDiskFullError
         try:
-            torch_save_atomic({"key": self.key, "payload": payload}, self.path, f"{self.kind} cache")
+            self.file.write(payload)
         except CacheDiskFullError as e:
             warnings.warn(str(e), stacklevel=2)
