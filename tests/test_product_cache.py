@@ -212,6 +212,22 @@ def test_unreadable_or_foreign_file_is_rebuilt(cfg, base, cache_on):
     assert store.load() is None                          # another key's payload under this name
 
 
+def test_mae_decoder_warmup_is_loaded_not_trained_again(cfg, base, cache_on, monkeypatch, tmp_path):
+    mae = build_config(E.ExploraConfig, "smoke", "11_explora_mae", out_dir=str(tmp_path / "out"),
+                       **{**FAST, "decoder_warmup_steps": 2})
+    mae_base = E.load_base(mae, verbose=False)
+    dec = E.warm_decoder(mae, mae_base[0], 0)
+    monkeypatch.setattr(continued, "warm_decoder", _no_training)
+    again = E.warm_decoder(mae, mae_base[0], 0)                 # a rerun (or notebook 12) loads it
+    assert again.keys() == dec.keys() and all(torch.equal(again[k], dec[k]) for k in dec)
+    assert E.warm_decoder(cfg, base[0], 0) is None                # DinoV2: nothing to warm, nothing stored
+    for changed in (dataclasses.replace(mae, decoder_warmup_steps=3), dataclasses.replace(mae, decoder_warmup_lr=0.5)):
+        with pytest.raises(AssertionError, match="trained although"):
+            E.warm_decoder(changed, mae_base[0], 0)
+    with pytest.raises(AssertionError, match="trained although"):
+        E.warm_decoder(mae, mae_base[0], 1)
+
+
 # ---- UpStep: a second run loads ------------------------------------------------------------------------------
 
 def _upstep_cfg(**kw) -> U.UpStepConfig:

@@ -175,11 +175,33 @@ def build_objective(cfg: ExploraConfig, student: nn.Module, seed: int, decoder_s
 
 
 def warm_decoder(cfg: ExploraConfig, base_model: nn.Module, seed: int, fabric=None) -> dict | None:
-    """MAE without decoder weights: the fresh decoder trained alone on this seed's images, shared by every variant."""
+    """MAE without decoder weights: the fresh decoder trained alone on this seed's images, shared by every variant;
+    a product like the pre-trainings (:func:`decoder_key`, kind ``pretrained``), so reruns load it."""
     from vitadapt.train import fabric_from_config
-    return continued.warm_decoder(cfg, base_model, pretrain_pool(cfg, seed), cfg.img_size, seed,
-                                  fabric or fabric_from_config(cfg), cfg.num_workers, cfg.pin_memory,
-                                  cfg.persistent_workers)
+    if not continued.decoder_warmup_needed(cfg):
+        return None
+    pool = pretrain_pool(cfg, seed)
+    store = products.ProductCache("pretrained", decoder_key(cfg, seed, base_model, pool)
+                                  if products.enabled("pretrained") else {})
+    if (hit := store.load()) is not None:
+        return hit["state"]
+    state = continued.warm_decoder(cfg, base_model, pool, cfg.img_size, seed, fabric or fabric_from_config(cfg),
+                                   cfg.num_workers, cfg.pin_memory, cfg.persistent_workers)
+    store.save({"state": state})
+    return state
+
+
+def decoder_key(cfg: ExploraConfig, seed: int, base_model: nn.Module, pool: tuple) -> dict:
+    """Everything that determines :func:`warm_decoder`'s result: :func:`pretrain_key` without the variant, its
+    trainable set and a decoder (the encoder is frozen, whatever the variant)."""
+    from vitadapt.eval import model_fingerprint
+    return {"product": "mae decoder warm-up", "seed": int(seed),
+            "pretrain": products.settings(cfg, cls=continued.PretrainSettings),
+            "numerics": products.settings(cfg, products.NUMERICS),
+            "data": {"dataset": cfg.pretrain_dataset or cfg.dataset, "n_pretrain_images": cfg.n_pretrain_images,
+                     "items": products.items_digest(pool)},
+            "base": model_fingerprint(base_model), "sources": products.source_digest(PRETRAIN_SOURCES),
+            "env": products.environment()}
 
 
 # ---- one (variant, seed): extended pre-training, merge, evaluation ----------------------------------------------

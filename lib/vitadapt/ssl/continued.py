@@ -233,12 +233,17 @@ def build_objective(s: PretrainSettings, student: nn.Module, seed: int, steps: i
     return obj, mae_loss_fn(obj), None
 
 
+def decoder_warmup_needed(s: PretrainSettings) -> bool:
+    """Whether :func:`warm_decoder` trains anything: MAE without a decoder checkpoint and ``decoder_warmup_steps`` > 0."""
+    return s.objective == "mae" and not s.mae_decoder and s.decoder_warmup_steps > 0
+
+
 def warm_decoder(s: PretrainSettings, base_model: nn.Module, images: tuple, img_size: int, seed: int, fabric,
                  num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False) -> dict | None:
     """MAE without decoder weights: a fresh decoder trained alone (the encoder, a copy of ``base_model``, frozen) for
     ``decoder_warmup_steps`` on ``images``; returns its weights, to be shared by every variant of the seed. ``None``
     when there is nothing to warm (DinoV2, a checkpoint, or 0 steps)."""
-    if s.objective != "mae" or s.mae_decoder or s.decoder_warmup_steps == 0:
+    if not decoder_warmup_needed(s):
         return None
     import copy
 
