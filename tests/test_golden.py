@@ -124,7 +124,10 @@ def test_volatile_keys_are_ignored():
     b["run"].update(started="2030-01-01", wall_time_s=1.0, code_hash="ff", git_commit="dirty",
                     packages={"torch": "3.0"}, host={"cpus": 64}, papermill_wall_time_s=3.0)
     b["run"]["config"]["out_dir"] = "/somewhere/else"
-    assert compare(b, blob()) == []
+    b["metrics"]["available"] = {"aid": False}                 # which datasets this machine holds (00)
+    golden = blob()
+    golden["metrics"]["available"] = {"aid": True}
+    assert compare(b, golden) == []
     assert set(golden_view(blob())["run"]) == {"config"}
 
 

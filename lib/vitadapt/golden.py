@@ -44,7 +44,8 @@ TOLERANCE = (f"floats within {ABS_TOL:g} abs (x100 in percent) or {REL_TOL:.0%} 
 # a key is volatile when one of its words (split on anything but letters and digits) is one of these
 VOLATILE = frozenset({"time", "times", "wall", "seconds", "sec", "s", "ms", "memory", "mem", "mb", "gb", "peak",
                       "rss", "started", "finished", "timestamp", "date", "path", "dir", "root", "hash", "version",
-                      "versions", "packages", "commit", "host", "pid", "cpus"})
+                      "versions", "packages", "commit", "host", "pid", "cpus",
+                      "available"})   # which datasets this machine holds (../shared, downloads), not what the code computed
 SKIPPED = frozenset({"selected"})
 # counts: exact even when a float (3.0 steps)
 COUNTS = frozenset({"n", "steps", "images", "backward", "passes", "skipped", "trainable", "params", "parameters",
