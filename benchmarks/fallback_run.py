@@ -62,12 +62,12 @@ def build_server(images: Path, out: Path) -> dict[str, int]:
                          f"{len(UCMERCED)} class folders of images")
     out.mkdir(parents=True, exist_ok=True)
     names = {s: [] for s, _ in SPLIT}
+    bounds = [(s, sum(n for _, n in SPLIT[:i + 1])) for i, (s, _) in enumerate(SPLIT)]   # (split, end index)
     with zipfile.ZipFile(out / "UCMerced_LandUse.zip", "w") as z:
         for cls, src in zip(UCMERCED, sources):
             files = sorted(f for f in src.iterdir() if f.is_file())[:PER_CLASS]
             if len(files) < PER_CLASS:
                 raise ValueError(f"--images: {src} holds {len(files)} images; valid: at least {PER_CLASS} per class")
-            bounds = [(s, sum(n for _, n in SPLIT[:i + 1])) for i, (s, _) in enumerate(SPLIT)]
             for i, f in enumerate(files):
                 buf = io.BytesIO()
                 Image.open(f).convert("RGB").resize((256, 256), Image.BILINEAR).save(buf, format="TIFF")

@@ -194,9 +194,15 @@ def warm_decoder(cfg: ExploraConfig, base_model: nn.Module, seed: int, fabric=No
 def decoder_key(cfg: ExploraConfig, seed: int, base_model: nn.Module, pool: tuple) -> dict:
     """Everything that determines :func:`warm_decoder`'s result: :func:`pretrain_key` without the variant, its
     trainable set and a decoder (the encoder is frozen, whatever the variant)."""
+    return {"product": "mae decoder warm-up", **_pretraining_key(cfg, seed, base_model, pool)}
+
+
+def _pretraining_key(cfg: ExploraConfig, seed: int, base_model: nn.Module, pool: tuple) -> dict:
+    """The part of every pre-training product's key that any variant shares: the seed, every
+    :class:`~vitadapt.ssl.continued.PretrainSettings` field, the numerics, the drawn images, the base weights'
+    fingerprint, the sources and library versions."""
     from vitadapt.eval import model_fingerprint
-    return {"product": "mae decoder warm-up", "seed": int(seed),
-            "pretrain": products.settings(cfg, cls=continued.PretrainSettings),
+    return {"seed": int(seed), "pretrain": products.settings(cfg, cls=continued.PretrainSettings),
             "numerics": products.settings(cfg, products.NUMERICS),
             "data": {"dataset": cfg.pretrain_dataset or cfg.dataset, "n_pretrain_images": cfg.n_pretrain_images,
                      "items": products.items_digest(pool)},
@@ -278,16 +284,10 @@ def pretrain_key(cfg: ExploraConfig, variant: str, seed: int, base_model: nn.Mod
     digest; the checkpoint file's), the numerics (:data:`vitadapt.protocol.products.NUMERICS`), library versions
     and a digest of :data:`PRETRAIN_SOURCES`. Evaluation fields (probes, fine-tune, protocol, labelled-set sizes,
     variants and ablation lists) do not enter."""
-    from vitadapt.eval import model_fingerprint
-    return {"product": "explora pre-training", "variant": variant, "seed": int(seed),
-            "pretrain": products.settings(cfg, cls=continued.PretrainSettings),
-            "trainable_set": products.settings(cfg, TRAINABLE_SET),
-            "numerics": products.settings(cfg, products.NUMERICS),
-            "data": {"dataset": cfg.pretrain_dataset or cfg.dataset, "n_pretrain_images": cfg.n_pretrain_images,
-                     "items": products.items_digest(pool or pretrain_pool(cfg, seed))},
-            "base": model_fingerprint(base_model), "decoder_state": products.state_digest(decoder_state),
-            "decoder_file": products.file_digest(resolve(cfg.mae_decoder)) if cfg.mae_decoder else None,
-            "sources": products.source_digest(PRETRAIN_SOURCES), "env": products.environment()}
+    return {"product": "explora pre-training", "variant": variant,
+            **_pretraining_key(cfg, seed, base_model, pool or pretrain_pool(cfg, seed)),
+            "trainable_set": products.settings(cfg, TRAINABLE_SET), "decoder_state": products.state_digest(decoder_state),
+            "decoder_file": products.file_digest(resolve(cfg.mae_decoder)) if cfg.mae_decoder else None}
 
 
 def _cached(store: products.ProductCache, base_model: nn.Module, rec: dict) -> Pretrained | None:
